@@ -1,0 +1,220 @@
+"""Model files: official MambaIR/BasicSR checkpoints, the project's safetensors format, packed .qmb files.
+
+``load_model(path)`` needs no other argument: an official file's architecture is read off its tensor shapes,
+the project's own files carry their config (and quantization config) in the safetensors metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .presets import build_model, preset_for_config
+
+FORMAT_NAME = "qmambair-model"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used: says what is wrong and what would fit."""
+
+
+def official_state_dict(obj: Any, param_key: str | None = None) -> dict[str, torch.Tensor]:
+    """Extract the network's state dict from a loaded BasicSR checkpoint (``params``/``params_ema``)."""
+    if isinstance(obj, dict) and param_key is not None:
+        if param_key not in obj:
+            raise CheckpointError(f"checkpoint has no key {param_key!r}; it has {sorted(obj)[:10]}")
+        obj = obj[param_key]
+    elif isinstance(obj, dict):
+        for key in ("params_ema", "params", "state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError("file does not hold a state dict (expected a dict of tensors, or params/params_ema)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Read MambaIR constructor keywords off the names and shapes of a state dict."""
+    try:
+        embed_dim, in_chans = sd["conv_first.weight"].shape[:2]
+        blocks: dict[int, int] = {}
+        for key in sd:
+            m = re.match(r"layers\.(\d+)\.residual_group\.blocks\.(\d+)\.", key)
+            if m:
+                g, j = int(m.group(1)), int(m.group(2))
+                blocks[g] = max(blocks.get(g, 0), j + 1)
+        depths = [blocks[g] for g in range(len(blocks))]
+        prefix = "layers.0.residual_group.blocks.0.self_attention."
+        d_state = sd[prefix + "A_logs"].shape[1]
+        d_inner = sd[prefix + "in_proj.weight"].shape[0] // 2
+    except (KeyError, IndexError) as exc:
+        raise CheckpointError(f"not a MambaIR state dict: missing {exc}") from None
+    config: dict[str, Any] = dict(
+        in_chans=int(in_chans), embed_dim=int(embed_dim), depths=depths, d_state=int(d_state),
+        mlp_ratio=round(d_inner / embed_dim, 4),
+        resi_connection="3conv" if "conv_after_body.0.weight" in sd else "1conv",
+    )
+    if "conv_before_upsample.0.weight" in sd:
+        config["upsampler"] = "pixelshuffle"
+        num_feat = sd["conv_before_upsample.0.weight"].shape[0]
+        convs = sorted(int(m.group(1)) for k in sd if (m := re.match(r"upsample\.(\d+)\.weight$", k)))
+        growth = sd[f"upsample.{convs[0]}.weight"].shape[0] // num_feat
+        config["upscale"] = 3 if growth == 9 else 2 ** len(convs)
+        if num_feat != 64:
+            config["num_feat"] = int(num_feat)
+    elif "upsample.0.weight" in sd:
+        config["upsampler"] = "pixelshuffledirect"
+        config["upscale"] = round((sd["upsample.0.weight"].shape[0] // in_chans) ** 0.5)
+    else:
+        config["upsampler"] = ""
+        config["upscale"] = 1
+    # mlp_ratio must reproduce int(mlp_ratio * C) exactly; prefer the published ratios.
+    for ratio in (1.2, 2.0, 1.0, 1.5):
+        if int(ratio * embed_dim) == d_inner:
+            config["mlp_ratio"] = ratio
+            break
+    return config
+
+
+def _describe_mismatch(missing: list[str], unexpected: list[str], sd: dict[str, torch.Tensor]) -> str:
+    lines = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            lines.append(f"{label} keys: {shown}")
+    try:
+        fit = preset_for_config(infer_config(sd))
+        lines.append(f"the file looks like preset {fit!r}" if fit else "no preset matches the file's shapes")
+    except CheckpointError:
+        lines.append("the file does not look like a MambaIR checkpoint")
+    return "; ".join(lines)
+
+
+def load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], allow_missing: tuple[str, ...] = ()) -> None:
+    """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mis-shaped keys and a fitting preset.
+
+    Keys whose name contains one of ``allow_missing`` (e.g. quantizer state) may be absent from ``sd``.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not any(a in k for a in allow_missing)]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        msg = _describe_mismatch(missing, unexpected + shape, sd)
+        raise CheckpointError(f"checkpoint does not fit the model: {msg}")
+    model.load_state_dict(sd, strict=not allow_missing)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write weights + config (+ quantization config) as one safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("model has no .config; build it with build_model() or load_model()")
+    meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "config": json.dumps(config),
+            "preset": getattr(model, "preset", None) or ""}
+    quant = getattr(model, "quant_config", None)
+    if quant is not None:
+        meta["quant_config"] = json.dumps(quant.to_dict() if hasattr(quant, "to_dict") else dict(quant))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _load_safetensors(path: Path, map_location: str) -> nn.Module:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=map_location) as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    if "config" in meta:
+        config = json.loads(meta["config"])
+        preset = meta.get("preset") or None
+    else:  # plain safetensors of an official state dict
+        config, preset = infer_config(sd), None
+    model = build_model(None, **config)
+    model.preset = preset or preset_for_config(config)
+    if meta.get("quant_config"):
+        from ..quant import QuantConfig, quantize_model
+
+        model = quantize_model(model, QuantConfig(**json.loads(meta["quant_config"])))
+    load_state_dict_checked(model, sd)
+    return model
+
+
+def load_model(
+    path: str | os.PathLike,
+    preset: str | None = None,
+    param_key: str | None = None,
+    map_location: str = "cpu",
+) -> nn.Module:
+    """Load a model file and return the network in eval mode.
+
+    - ``.safetensors``: the project's format (config in metadata), or a bare official state dict;
+    - ``.pth``/``.pt``/``.ckpt``: official BasicSR files (``params``/``params_ema``, ``module.`` prefix) or a
+      qmambair training checkpoint;
+    - ``.qmb``: a packed low-bit file (see ``qmambair.quant.pack``).
+    ``preset`` forces an architecture (the file must then fit it exactly, else a ``CheckpointError``).
+    A preset name (no such file) builds a randomly initialised model.
+    """
+    p = Path(path)
+    if not p.exists():
+        if preset is None and str(path) in _preset_names():
+            return build_model(str(path)).eval()
+        raise CheckpointError(f"{path}: no such file (nor a preset name: {', '.join(_preset_names())})")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    suffix = p.suffix.lower()
+    if suffix == ".qmb":
+        from ..quant.pack import load_packed
+
+        return load_packed(p).eval()
+    if suffix == ".safetensors" and preset is None:
+        return _load_safetensors(p, map_location).eval()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(p))
+    else:
+        try:
+            obj = torch.load(p, map_location=map_location, weights_only=True)
+        except Exception as exc:  # torch raises many types for a bad file
+            raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        if isinstance(obj, dict) and "qmambair" in obj:  # a training checkpoint of this project
+            from ..train.checkpoint import model_from_training_checkpoint
+
+            return model_from_training_checkpoint(obj).eval()
+        sd = official_state_dict(obj, param_key)
+    model = build_model(preset) if preset else build_model(None, **infer_config(sd))
+    if not preset:
+        model.preset = preset_for_config(model.config)
+    load_state_dict_checked(model, sd)
+    return model.eval()
+
+
+def _preset_names() -> list[str]:
+    from .presets import list_presets
+
+    return list_presets()
