@@ -25,13 +25,15 @@ class DropPath(nn.Module):
 
 
 class ChannelAttention(nn.Module):
-    """x * sigmoid(conv1x1(ReLU(conv1x1(avgpool(x))))): squeeze to C // squeeze channels."""
+    """x * sigmoid(conv1x1(ReLU(conv1x1(avgpool(x))))): squeeze to C // squeeze channels.
+
+    Below ``squeeze`` channels (tiny test models only; the official code has no such case) one hidden
+    channel is kept.
+    """
 
     def __init__(self, channels: int, squeeze: int = 30):
         super().__init__()
-        hidden = channels // squeeze
-        if hidden < 1:
-            raise ValueError(f"channel attention needs at least {squeeze} channels, got {channels}")
+        hidden = max(1, channels // squeeze)
         self.attention = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(channels, hidden, 1),
