@@ -194,9 +194,13 @@ def load_model(
     if suffix == ".safetensors" and preset is None:
         return _load_safetensors(p, map_location).eval()
     if suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        sd = load_file(str(p))
+        try:
+            sd = load_file(str(p))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     else:
         try:
             obj = torch.load(p, map_location=map_location, weights_only=True)

@@ -1,0 +1,143 @@
+"""Command line: ``qmambair COMMAND ...``. Commands only parse arguments and call the library.
+
+Adding a command: write ``add_<name>_parser(sub)`` that creates a subparser and sets ``func`` (a callable
+taking the parsed namespace and returning an exit code; import heavy modules inside it so ``--help`` stays
+fast), then append it to ``COMMANDS`` (or call ``register_command``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+
+SubParsers = argparse._SubParsersAction  # the object ``add_subparsers()`` returns
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``HxW`` (or ``N`` for N x N) -> (H, W)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"size must look like HxW (e.g. 360x640), got {text!r}")
+    return values[0], values[1]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_restore_parser(sub: SubParsers) -> None:
+    p = sub.add_parser(
+        "restore",
+        help="restore / super-resolve images with a model",
+        description="Restore one image, many images or folders of images. Outputs are PNG files named "
+        "<stem><suffix>.png in OUT (OUT may be a file name when there is one input). Unreadable inputs are "
+        "reported and skipped; the exit code is 1 if any input failed. RGBA/LA: the alpha channel is not "
+        "restored but resized with bicubic interpolation to the output size and re-attached (--drop-alpha "
+        "drops it). A grey image into an RGB model is replicated to RGB and the result turned back to grey; "
+        "an RGB image into a grey model is converted to luma (BT.601) and the result is grey.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IN", help="image files and/or folders")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (or file, one input)")
+    p.add_argument("-m", "--model", required=True, metavar="MODEL",
+                   help="model file (.pth/.safetensors/.qmb) or preset name (random weights: tests only)")
+    p.add_argument("--tile", type=_positive, default=None, metavar="N",
+                   help="tile size in input pixels (default: whole image at once)")
+    p.add_argument("--tile-mode", choices=("mambair", "blend"), default="mambair",
+                   help="mambair: MambaIR tester tiling, N is its threshold (200 in the paper); "
+                   "blend: N x N tiles blended without seams (default: %(default)s)")
+    p.add_argument("--overlap", type=int, default=None, help="blend mode: pixels shared by neighbours (N/8)")
+    p.add_argument("-r", "--recursive", action="store_true", help="look into sub-folders of input folders")
+    p.add_argument("--suffix", default="", help="added to each output file's stem (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--overwrite-input", action="store_true",
+                   help="allow an output to replace one of the input files")
+    p.add_argument("--bits", choices=("auto", "8", "16"), default="auto",
+                   help="PNG bit depth; auto: 16 for 16-bit inputs, else 8 (default: %(default)s)")
+    p.add_argument("--drop-alpha", action="store_true", help="write RGB/grey even if the input has alpha")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        from .commands.restore import run_restore
+
+        return run_restore(args)
+
+    p.set_defaults(func=run)
+
+
+def add_info_parser(sub: SubParsers) -> None:
+    p = sub.add_parser(
+        "info",
+        help="show a model's config, parameters and MACs",
+        description="Print a model's config, preset, parameter count and MACs (scan counted explicitly; see "
+        "qmambair.eval.complexity) for an input size, and its quantization config if it is quantized.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model file or preset name")
+    p.add_argument("--size", type=_size, default=None, metavar="HxW",
+                   help="input size (default: the input giving a 1280x720 output, e.g. 360x640 for x2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    def run(args: argparse.Namespace) -> int:
+        from .commands.info import run_info
+
+        return run_info(args)
+
+    p.set_defaults(func=run)
+
+
+COMMANDS: list[Callable[[SubParsers], None]] = [add_restore_parser, add_info_parser]
+
+
+def register_command(adder: Callable[[SubParsers], None]) -> Callable[[SubParsers], None]:
+    """Add a subcommand (``add_<name>_parser(sub)``) to the parser; usable as a decorator."""
+    if adder not in COMMANDS:
+        COMMANDS.append(adder)
+    return adder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qmambair`` parser with one subparser per entry of ``COMMANDS``."""
+    parser = argparse.ArgumentParser(
+        prog="qmambair", description="MambaIR image restoration, quantized to 2-4 bits (Q-MambaIR), on CPU."
+    )
+    parser.add_argument("--version", action="version", version=f"qmambair {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for adder in COMMANDS:
+        adder(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qmambair`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from .models.checkpoint import CheckpointError
+
+    try:
+        return int(func(args) or 0)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"qmambair {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

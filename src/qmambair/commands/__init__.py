@@ -1,0 +1,1 @@
+"""Implementations of the command-line subcommands (parsers live in ``qmambair.cli``)."""

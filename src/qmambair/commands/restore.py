@@ -1,0 +1,154 @@
+"""``qmambair restore``: restore files and folders of images with one model.
+
+Output naming: ``OUT/<path relative to the input folder>/<stem><suffix>.png`` (one input file and an OUT with
+an image extension: exactly OUT). An output that would replace one of the inputs is refused unless
+``--overwrite-input``; an existing output is skipped unless ``--overwrite``; two inputs mapping to the same
+output (``a.jpg`` and ``a.png``) make the second one fail. Alpha (RGBA/LA) is not restored: it is resized with
+bicubic interpolation to the output size, clamped, and re-attached (``--drop-alpha`` drops it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..eval.tiling import restore
+from ..models.checkpoint import load_model
+from ..models.presets import list_presets
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
+
+
+@dataclass
+class Job:
+    src: Path
+    dst: Path
+    problem: str | None = None  # set when the job must not run (reported as failed)
+
+
+def find_images(inputs: list[str], recursive: bool) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(file, path relative to its input folder) for every image, and errors for inputs that do not exist.
+
+    Files named on the command line are taken whatever their extension (and fail later if unreadable);
+    inside folders only files with an image extension are taken, hidden files skipped.
+    """
+    found: list[tuple[Path, Path]] = []
+    errors: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            pattern = path.rglob("*") if recursive else path.iterdir()
+            files = sorted(
+                p for p in pattern
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            found += [(p, p.relative_to(path)) for p in files]
+        elif path.is_file():
+            found.append((path, Path(path.name)))
+        else:
+            errors.append(f"{item}: no such file or folder")
+    return found, errors
+
+
+def plan_jobs(
+    images: list[tuple[Path, Path]], output: Path, suffix: str, single_file: bool, overwrite_input: bool
+) -> list[Job]:
+    """Output path of every input, with naming conflicts marked as problems."""
+    if single_file and output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():
+        targets = [output]
+    else:
+        targets = [output / rel.parent / f"{rel.stem}{suffix}.png" for _, rel in images]
+    inputs = {src.resolve(): src for src, _ in images}
+    jobs: list[Job] = []
+    claimed: dict[Path, Path] = {}
+    for (src, _), dst in zip(images, targets, strict=True):
+        job = Job(src, dst)
+        key = dst.resolve()
+        if key in claimed:
+            job.problem = f"output {dst} is also the output of {claimed[key]}; rename one or use --suffix"
+        elif key in inputs and not overwrite_input:
+            job.problem = f"output {dst} would replace input {inputs[key]}; use --suffix or --overwrite-input"
+        claimed.setdefault(key, src)
+        jobs.append(job)
+    return jobs
+
+
+def resize_alpha(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic resize of an (H, W) alpha plane to (height, width), clamped to [0, 1]."""
+    if alpha.shape == (height, width):
+        return alpha
+    t = torch.from_numpy(np.ascontiguousarray(alpha, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=(height, width), mode="bicubic", align_corners=False)
+    return out[0, 0].clamp_(0, 1).numpy()
+
+
+def restore_file(model: torch.nn.Module, job: Job, args: argparse.Namespace, protect: list[Path]) -> None:
+    """Read, restore and write one image (raises ImageReadError / OSError / ValueError on failure)."""
+    from ..data import image_info, read_image, write_image
+
+    bits_in = image_info(job.src).bits
+    img, alpha = read_image(job.src, mode="keep", alpha="keep")
+    out = restore(model, img, tile=args.tile, mode=args.tile_mode, overlap=args.overlap, device=args.device)
+    out = np.clip(out if out.ndim == 3 else out[..., None], 0.0, 1.0)
+    if alpha is not None and not args.drop_alpha:
+        out = np.concatenate([out, resize_alpha(alpha, *out.shape[:2])[..., None]], axis=2)
+    bits = (16 if bits_in > 8 else 8) if args.bits == "auto" else int(args.bits)
+    if bits == 16 and job.dst.suffix.lower() != ".png":
+        tqdm.write(f"warning: {job.dst}: 16-bit output needs .png; writing 8 bits", file=sys.stderr)
+        bits = 8
+    write_image(job.dst, out, bits=bits, overwrite=True, protect=protect)
+
+
+def _load(spec: str, device: str) -> torch.nn.Module:
+    if not Path(spec).exists() and spec in list_presets():
+        print(f"warning: {spec!r} is a preset name: the model has random weights (for testing only)",
+              file=sys.stderr)
+    return load_model(spec).to(device).eval()
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    """Restore every input image; returns 0 if all were restored or skipped, 1 if any failed."""
+    from ..data import ImageReadError
+
+    if args.overlap is not None and args.tile_mode != "blend":
+        print("error: --overlap applies to --tile-mode blend only (mambair mode fixes it)", file=sys.stderr)
+        return 2
+    images, missing = find_images(args.inputs, args.recursive)
+    for msg in missing:
+        print(f"error: {msg}", file=sys.stderr)
+    if not images:
+        print("error: no input images found", file=sys.stderr)
+        return 1
+    model = _load(args.model, args.device)
+    single = len(args.inputs) == 1 and Path(args.inputs[0]).is_file()
+    jobs = plan_jobs(images, Path(args.output), args.suffix, single, args.overwrite_input)
+    protect = [] if args.overwrite_input else [src for src, _ in images]
+    done, skipped, failed = 0, 0, len(missing)
+    bar = tqdm(jobs, desc="restore", unit="img", disable=True if args.quiet else None, file=sys.stderr)
+    for job in bar:
+        if job.problem:
+            failed += 1
+            tqdm.write(f"FAILED  {job.src}: {job.problem}", file=sys.stderr)
+            continue
+        if job.dst.exists() and not args.overwrite and job.dst.resolve() != job.src.resolve():
+            skipped += 1
+            tqdm.write(f"skipped {job.src}: {job.dst} exists (--overwrite replaces it)", file=sys.stderr)
+            continue
+        try:
+            restore_file(model, job, args, protect)
+        except (ImageReadError, OSError, ValueError) as exc:
+            failed += 1
+            tqdm.write(f"FAILED  {job.src}: {exc}", file=sys.stderr)
+            continue
+        done += 1
+    bar.close()
+    print(f"restored {done}, skipped {skipped}, failed {failed} -> {args.output}", file=sys.stderr)
+    return 1 if failed else 0
