@@ -79,7 +79,7 @@ class CAB(nn.Module):
 
 
 class Upsample(nn.Sequential):
-    """Classic-SR upsampler: (conv 3x3 -> 4C, PixelShuffle(2)) per factor 2, or conv -> 9C, PixelShuffle(3)."""
+    """Classic-SR upsampler: (conv 3x3 -> 4C, PixelShuffle(2)) per factor 2, or conv -> 9C, shuffle 3."""
 
     def __init__(self, scale: int, channels: int):
         layers: list[nn.Module] = []
@@ -97,4 +97,6 @@ class UpsampleOneStep(nn.Sequential):
     """Light-SR head: one 3x3 conv to out_ch * s^2 channels, then PixelShuffle(s)."""
 
     def __init__(self, scale: int, channels: int, out_channels: int):
-        super().__init__(nn.Conv2d(channels, scale * scale * out_channels, 3, padding=1), nn.PixelShuffle(scale))
+        super().__init__(
+            nn.Conv2d(channels, scale * scale * out_channels, 3, padding=1), nn.PixelShuffle(scale)
+        )

@@ -38,7 +38,9 @@ def official_state_dict(obj: Any, param_key: str | None = None) -> dict[str, tor
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError("file does not hold a state dict (expected a dict of tensors, or params/params_ema)")
+        raise CheckpointError(
+            "file does not hold a state dict (expected a dict of tensors, or params/params_ema)"
+        )
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -59,7 +61,10 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     except (KeyError, IndexError) as exc:
         raise CheckpointError(f"not a MambaIR state dict: missing {exc}") from None
     config: dict[str, Any] = dict(
-        in_chans=int(in_chans), embed_dim=int(embed_dim), depths=depths, d_state=int(d_state),
+        in_chans=int(in_chans),
+        embed_dim=int(embed_dim),
+        depths=depths,
+        d_state=int(d_state),
         mlp_ratio=round(d_inner / embed_dim, 4),
         resi_connection="3conv" if "conv_after_body.0.weight" in sd else "1conv",
     )
@@ -99,15 +104,21 @@ def _describe_mismatch(missing: list[str], unexpected: list[str], sd: dict[str, 
     return "; ".join(lines)
 
 
-def load_state_dict_checked(model: nn.Module, sd: dict[str, torch.Tensor], allow_missing: tuple[str, ...] = ()) -> None:
-    """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mis-shaped keys and a fitting preset.
+def load_state_dict_checked(
+    model: nn.Module, sd: dict[str, torch.Tensor], allow_missing: tuple[str, ...] = ()
+) -> None:
+    """``load_state_dict(strict=True)``, with an error naming missing/unexpected/mis-shaped keys and a fit.
 
     Keys whose name contains one of ``allow_missing`` (e.g. quantizer state) may be absent from ``sd``.
     """
     own = model.state_dict()
     missing = [k for k in own if k not in sd and not any(a in k for a in allow_missing)]
     unexpected = [k for k in sd if k not in own]
-    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+    shape = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sd
+        if k in own and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shape:
         msg = _describe_mismatch(missing, unexpected + shape, sd)
         raise CheckpointError(f"checkpoint does not fit the model: {msg}")
@@ -121,8 +132,12 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError("model has no .config; build it with build_model() or load_model()")
-    meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "config": json.dumps(config),
-            "preset": getattr(model, "preset", None) or ""}
+    meta = {
+        "format": FORMAT_NAME,
+        "version": str(FORMAT_VERSION),
+        "config": json.dumps(config),
+        "preset": getattr(model, "preset", None) or "",
+    }
     quant = getattr(model, "quant_config", None)
     if quant is not None:
         meta["quant_config"] = json.dumps(quant.to_dict() if hasattr(quant, "to_dict") else dict(quant))
@@ -205,7 +220,9 @@ def load_model(
         try:
             obj = torch.load(p, map_location=map_location, weights_only=True)
         except Exception as exc:  # torch raises many types for a bad file
-            raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})"
+            ) from None
         if isinstance(obj, dict) and "qmambair" in obj:  # a training checkpoint of this project
             from ..train.checkpoint import model_from_training_checkpoint
 

@@ -21,7 +21,9 @@ UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "")
 class VSSBlock(nn.Module):
     """z = s1*x + SS2D(ln_1(x)); out = s2*z + CAB(ln_2(z)), on (B, H, W, C)."""
 
-    def __init__(self, dim: int, d_state: int, mlp_ratio: float, drop_path: float, light: bool, norm_layer=nn.LayerNorm):
+    def __init__(
+        self, dim: int, d_state: int, mlp_ratio: float, drop_path: float, light: bool, norm_layer=nn.LayerNorm
+    ):
         super().__init__()
         self.ln_1 = norm_layer(dim)
         self.self_attention = SS2D(dim, d_state=d_state, expand=mlp_ratio)
@@ -40,7 +42,9 @@ class VSSBlock(nn.Module):
 class BasicLayer(nn.Module):
     """A stack of VSS blocks (``residual_group``)."""
 
-    def __init__(self, dim, depth, d_state, mlp_ratio, drop_path: Sequence[float], light, norm_layer, use_checkpoint):
+    def __init__(
+        self, dim, depth, d_state, mlp_ratio, drop_path: Sequence[float], light, norm_layer, use_checkpoint
+    ):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList(
@@ -59,9 +63,13 @@ class BasicLayer(nn.Module):
 class ResidualGroup(nn.Module):
     """RSSG: tokens -> blocks -> conv 3x3 on the image layout -> plus the input."""
 
-    def __init__(self, dim, depth, d_state, mlp_ratio, drop_path, light, norm_layer, use_checkpoint, resi_connection):
+    def __init__(
+        self, dim, depth, d_state, mlp_ratio, drop_path, light, norm_layer, use_checkpoint, resi_connection
+    ):
         super().__init__()
-        self.residual_group = BasicLayer(dim, depth, d_state, mlp_ratio, drop_path, light, norm_layer, use_checkpoint)
+        self.residual_group = BasicLayer(
+            dim, depth, d_state, mlp_ratio, drop_path, light, norm_layer, use_checkpoint
+        )
         self.conv = make_body_conv(dim, resi_connection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,15 +155,25 @@ class MambaIR(nn.Module):
         start = 0
         for depth in depths:
             self.layers.append(
-                ResidualGroup(embed_dim, depth, d_state, mlp_ratio, rates[start : start + depth], light,
-                              norm_layer, use_checkpoint, resi_connection)
+                ResidualGroup(
+                    embed_dim,
+                    depth,
+                    d_state,
+                    mlp_ratio,
+                    rates[start : start + depth],
+                    light,
+                    norm_layer,
+                    use_checkpoint,
+                    resi_connection,
+                )
             )
             start += depth
         self.norm = norm_layer(embed_dim)
         self.conv_after_body = make_body_conv(embed_dim, resi_connection)
         if upsampler == "pixelshuffle":
-            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, padding=1),
-                                                      nn.LeakyReLU(inplace=True))
+            self.conv_before_upsample = nn.Sequential(
+                nn.Conv2d(embed_dim, num_feat, 3, padding=1), nn.LeakyReLU(inplace=True)
+            )
             self.upsample = Upsample(upscale, num_feat)
             self.conv_last = nn.Conv2d(num_feat, in_chans, 3, padding=1)
         elif upsampler == "pixelshuffledirect":

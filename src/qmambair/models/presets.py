@@ -54,7 +54,16 @@ def build_model(name: str | None = None, **overrides: Any) -> MambaIR:
     return model
 
 
-ARCH_KEYS = ("in_chans", "embed_dim", "depths", "d_state", "mlp_ratio", "upsampler", "upscale", "resi_connection")
+ARCH_KEYS = (
+    "in_chans",
+    "embed_dim",
+    "depths",
+    "d_state",
+    "mlp_ratio",
+    "upsampler",
+    "upscale",
+    "resi_connection",
+)
 
 
 def preset_for_config(config: dict[str, Any]) -> str | None:
