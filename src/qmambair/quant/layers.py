@@ -1,0 +1,102 @@
+"""Quantized layers: drop-in subclasses of the float modules that keep the float parameter names.
+
+``QConv2d`` / ``QLinear`` subclass ``nn.Conv2d`` / ``nn.Linear``: ``weight`` and ``bias`` keep their names
+(a float state dict still fits), and two submodules ``act_quant`` (on the input) and ``weight_quant`` add the
+quantizer state. ``QProjection`` and ``QScan`` replace SS2D's parameter-free op modules the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.ss2d import Projection, ScanOp
+
+SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+Q = nn.Module | None  # a quantizer, or None for float
+
+
+def _or_identity(q: nn.Module | None) -> nn.Module:
+    return nn.Identity() if q is None else q
+
+
+class QConv2d(nn.Conv2d):
+    """Conv2d on act_quant(input) with weight_quant(weight); the bias stays float."""
+
+    def __init__(self, *args, act_quant: Q = None, weight_quant: Q = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.act_quant = _or_identity(act_quant)
+        self.weight_quant = _or_identity(weight_quant)
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, act_quant: Q, weight_quant: Q) -> QConv2d:
+        """A QConv2d sharing ``module``'s weight and bias Parameters (same objects: optimisers still work)."""
+        q = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                padding=module.padding, dilation=module.dilation, groups=module.groups,
+                bias=module.bias is not None, padding_mode=module.padding_mode, device="meta",
+                act_quant=act_quant, weight_quant=weight_quant)
+        q.weight = module.weight
+        q.bias = module.bias
+        return q.to(module.weight.device).train(module.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class QLinear(nn.Linear):
+    """Linear on act_quant(input) with weight_quant(weight); the bias stays float."""
+
+    def __init__(self, *args, act_quant: Q = None, weight_quant: Q = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.act_quant = _or_identity(act_quant)
+        self.weight_quant = _or_identity(weight_quant)
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, act_quant: Q, weight_quant: Q) -> QLinear:
+        """A QLinear sharing ``module``'s weight and bias Parameters."""
+        q = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta",
+                act_quant=act_quant, weight_quant=weight_quant)
+        q.weight = module.weight
+        q.bias = module.bias
+        return q.to(module.weight.device).train(module.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class QProjection(Projection):
+    """SS2D's per-direction projection (x_proj / dt_proj) with quantized input and quantized passed weight."""
+
+    def __init__(self, act_quant: nn.Module | None = None, weight_quant: nn.Module | None = None):
+        super().__init__()
+        self.act_quant = _or_identity(act_quant)
+        self.weight_quant = _or_identity(weight_quant)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.act_quant(x), self.weight_quant(weight))
+
+
+class QScan(ScanOp):
+    """The selective scan with a quantizer on each of its seven inputs (u, Δ, A, B, C, D, delta_bias).
+
+    Submodules ``u_quant``, ``delta_quant``, ``A_quant``, ``B_quant``, ``C_quant``, ``D_quant``,
+    ``delta_bias_quant``; the scan arithmetic and hidden state stay float (method.md §2).
+    """
+
+    def __init__(self, quantizers: dict[str, nn.Module | None] | None = None):
+        super().__init__()
+        quantizers = quantizers or {}
+        unknown = set(quantizers) - set(SCAN_INPUTS)
+        if unknown:
+            raise ValueError(f"unknown scan inputs {sorted(unknown)}; expected names from {SCAN_INPUTS}")
+        for name in SCAN_INPUTS:
+            setattr(self, f"{name}_quant", _or_identity(quantizers.get(name)))
+
+    def quantizer(self, name: str) -> nn.Module:
+        return getattr(self, f"{name}_quant")
+
+    def forward(self, u, delta, A, B, C, D, delta_bias) -> torch.Tensor:
+        inputs = (u, delta, A, B, C, D, delta_bias)
+        q = [self.quantizer(name)(t) for name, t in zip(SCAN_INPUTS, inputs, strict=True)]
+        return super().forward(*q)
