@@ -1,0 +1,188 @@
+"""Selective-scan speed and memory per backend (ref, cpu, chunked), printed as one Markdown table.
+
+Shapes: light SR (batch 1, K=4 x d_inner 72 -> D'=288, N=10, L=64x64) and classic SR (D'=1440, N=16, L=48x48);
+with ``--large``, also the forward of light x2 on a 512x512 input (L=262144) for the bounded-memory backends.
+
+Method: each (backend, shape) runs in a fresh subprocess, with torch and numba limited to ``--threads``. The
+subprocess first runs the scan on a tiny problem (loads or compiles kernels), reads ``ru_maxrss`` as its
+baseline, then runs one full-size forward under no_grad and one forward+backward, reading ``ru_maxrss`` after
+each: the peak-memory columns are those high-water marks minus the baseline (inputs excluded, outputs and
+gradients included; the forward+backward value includes the forward). Then it times ``--repeats`` runs of each
+(after one untimed warm-up) and reports the medians. The numba compile time is measured separately in a
+subprocess with an empty NUMBA_CACHE_DIR; "cache load" is the first call in a process with the cache filled.
+
+    python benchmarks/scan.py [--threads 2] [--repeats 5] [--large]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # name: (batch, groups, channels per group, N, L)
+    "light": (1, 4, 72, 10, 64 * 64),
+    "classic": (1, 4, 360, 16, 48 * 48),
+    "light-512": (1, 4, 72, 10, 512 * 512),
+}
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _inputs(shape: tuple[int, ...], grad: bool):
+    import torch
+
+    batch, groups, per_group, n, length = shape
+    dp = groups * per_group
+    g = torch.Generator().manual_seed(0)
+    t = {
+        "u": torch.randn(batch, dp, length, generator=g),
+        "delta": torch.randn(batch, dp, length, generator=g) * 0.5 - 1.0,
+        "A": -torch.exp(torch.randn(dp, n, generator=g)),
+        "B": torch.randn(batch, groups, n, length, generator=g),
+        "C": torch.randn(batch, groups, n, length, generator=g),
+        "D": torch.ones(dp),
+        "delta_bias": torch.randn(dp, generator=g) * 0.5,
+    }
+    for v in t.values():
+        v.requires_grad_(grad)
+    return t
+
+
+def worker(backend: str, shape_name: str, repeats: int, threads: int, fwd_only: bool) -> dict:
+    """Runs in the subprocess: memory high-water marks, then timings. Returns a JSON-able dict."""
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(ROOT / "src"))
+    from qmambair.scan import selective_scan
+
+    shape = SHAPES[shape_name]
+
+    def step(inputs, backward: bool):
+        y = selective_scan(**inputs, delta_softplus=True, backend=backend)
+        if backward:
+            y.backward(torch.ones_like(y))
+            for v in inputs.values():
+                v.grad = None
+
+    t0 = time.perf_counter()
+    step(_inputs((1, shape[1], 2, 2, 5), True), True)  # compile or load kernels
+    first_call = time.perf_counter() - t0
+    res = {"first_call_s": first_call}
+    inputs = _inputs(shape, grad=True)
+    base = _maxrss_mb()
+    with torch.no_grad():
+        step(inputs, False)
+    res["mem_fwd_mb"] = _maxrss_mb() - base
+    modes = [("fwd", False)]
+    if not fwd_only:
+        step(inputs, True)
+        res["mem_fwdbwd_mb"] = _maxrss_mb() - base
+        modes.append(("fwdbwd", True))
+    for name, backward in modes:
+        times = []
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            with torch.set_grad_enabled(backward):
+                step(inputs, backward)
+            if i:  # the first run is warm-up
+                times.append(time.perf_counter() - start)
+        res[f"{name}_ms"] = statistics.median(times) * 1e3
+    return res
+
+
+def _spawn(args: list[str], threads: int, extra_env: dict | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads), **(extra_env or {}))
+    env.pop("QMAMBAIR_SCAN", None)
+    out = subprocess.run(
+        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False
+    )
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compile_time(threads: int) -> float | None:
+    """Seconds to compile the numba kernels from an empty cache (in a subprocess)."""
+    with tempfile.TemporaryDirectory() as cache:
+        code = (
+            f"import sys, json; sys.path.insert(0, {str(ROOT / 'src')!r}); import torch; "
+            "from qmambair.scan import cpu; "
+            "print(json.dumps({'s': cpu.warm_up() if cpu.AVAILABLE else None}))"
+        )
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, NUMBA_NUM_THREADS=str(threads))
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])["s"] if out.returncode == 0 else None
+
+
+def _fmt(v, unit="") -> str:
+    return "–" if v is None else f"{v:,.1f}{unit}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ref-repeats", type=int, default=3, help="repeats for the slow reference loop")
+    p.add_argument("--large", action="store_true", help="also the 512x512 light x2 forward (cpu, chunked)")
+    p.add_argument("--worker", nargs=2, metavar=("BACKEND", "SHAPE"), help=argparse.SUPPRESS)
+    p.add_argument("--fwd-only", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker[0], a.worker[1], a.repeats, a.threads, a.fwd_only)))
+        return
+
+    import torch
+
+    print(f"# selective scan, torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} CPUs\n")
+    compile_s = compile_time(a.threads)
+    jobs = [(s, b) for s in ("light", "classic") for b in ("ref", "cpu", "chunked")]
+    if a.large:
+        jobs += [("light-512", "cpu"), ("light-512", "chunked")]
+    results = {}
+    for shape, backend in jobs:
+        reps = a.ref_repeats if backend == "ref" else a.repeats
+        if shape == "light-512":
+            reps = 2
+        args = ["--worker", backend, shape, "--repeats", str(reps), "--threads", str(a.threads)]
+        results[shape, backend] = _spawn(args + (["--fwd-only"] if shape == "light-512" else []), a.threads)
+        print(f"  measured {shape:9s} {backend:8s} {results[shape, backend]}", file=sys.stderr)
+
+    print("| shape (batch, D', N, L) | backend | fwd ms | fwd+bwd ms | fwd × ref | fwd+bwd × ref "
+          "| peak MB fwd | peak MB fwd+bwd |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for shape, backend in jobs:
+        r = results[shape, backend]
+        b, g, c, n, length = SHAPES[shape]
+        label = f"{shape} ({b}, {g * c}, {n}, {length})"
+        if "error" in r:
+            print(f"| {label} | {backend} | error: {r['error']} | | | | | |")
+            continue
+        ref = results.get((shape, "ref"), {})
+        sf = ref.get("fwd_ms") / r["fwd_ms"] if "fwd_ms" in ref else None
+        sb = ref.get("fwdbwd_ms") / r["fwdbwd_ms"] if "fwdbwd_ms" in ref and "fwdbwd_ms" in r else None
+        print(
+            f"| {label} | {backend} | {_fmt(r['fwd_ms'])} | {_fmt(r.get('fwdbwd_ms'))} | {_fmt(sf, '×')} "
+            f"| {_fmt(sb, '×')} | {_fmt(r['mem_fwd_mb'])} | {_fmt(r.get('mem_fwdbwd_mb'))} |"
+        )
+    cache_load = results.get(("light", "cpu"), {}).get("first_call_s")
+    print(
+        f"\nnumba compile (empty cache): {_fmt(compile_s, ' s')}; first call with the cache filled "
+        f"(load + tiny run): {_fmt(cache_load, ' s')}. Times are medians after one warm-up run; memory is "
+        "the ru_maxrss rise over a baseline taken after warm-up, in a fresh process per row."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Fast selective-scan backends against the float64 reference loop: outputs, all gradients, dispatch."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qmambair.scan as scan
+from qmambair.scan import available_backends, resolve_backend, selective_scan, selective_scan_ref
+from qmambair.scan.chunked import selective_scan_chunked
+
+HAS_CPU = "cpu" in available_backends()
+FAST = ["chunked", pytest.param("cpu", marks=pytest.mark.skipif(not HAS_CPU, reason="numba missing"))]
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(
+    batch=2, groups=4, per_group=3, n=5, length=130, *, z=True, D=True, bias=True, softplus=True,
+    a_scale=None, delta_scale=0.5, seed=0,
+) -> dict:  # fmt: skip
+    """Random scan inputs (float64 master copies); a_scale=None draws A = -exp(N(0, 1)) per entry."""
+    g = torch.Generator().manual_seed(seed)
+    dp = groups * per_group
+    delta = torch.randn(batch, dp, length, generator=g, dtype=torch.float64) * delta_scale
+    if not softplus:
+        delta = delta.abs()  # the recurrence is only stable for delta + bias >= 0
+    if a_scale is None:
+        A = -torch.exp(torch.randn(dp, n, generator=g, dtype=torch.float64))
+    else:
+        A = torch.full((dp, n), -a_scale, dtype=torch.float64)
+    ins = {
+        "u": torch.randn(batch, dp, length, generator=g, dtype=torch.float64),
+        "delta": delta,
+        "A": A,
+        "B": torch.randn(batch, groups, n, length, generator=g, dtype=torch.float64),
+        "C": torch.randn(batch, groups, n, length, generator=g, dtype=torch.float64),
+        "D": torch.randn(dp, generator=g, dtype=torch.float64) if D else None,
+        "z": torch.randn(batch, dp, length, generator=g, dtype=torch.float64) if z else None,
+        "delta_bias": torch.rand(dp, generator=g, dtype=torch.float64) * 0.5 if bias else None,
+    }
+    ins["delta_softplus"] = softplus
+    return ins
+
+
+def run(fn, ins: dict, dtype: torch.dtype, grad_out: torch.Tensor, **kw):
+    """Output, last state and gradients of every tensor input, in float64."""
+    leaves = {k: ins[k].detach().to(dtype).clone().requires_grad_() for k in NAMES if ins[k] is not None}
+    args = {k: leaves.get(k) for k in NAMES}
+    out, last = fn(**args, delta_softplus=ins["delta_softplus"], return_last_state=True, **kw)
+    out.backward(grad_out.to(dtype))
+    res = {"out": out.detach().double(), "last": last.detach().double()}
+    res.update({"d" + k: t.grad.double() for k, t in leaves.items()})
+    return res
+
+
+def assert_close_to_ref(ins: dict, backend: str, **kw) -> None:
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(ins["u"].shape, generator=g, dtype=torch.float64)
+    ref = run(selective_scan_ref, ins, torch.float64, grad_out)
+    if kw:
+        fn = {"chunked": selective_scan_chunked, "cpu": scan._cpu_module().selective_scan_cpu}[backend]
+        got = run(fn, ins, torch.float32, grad_out, **kw)
+    else:
+        got = run(selective_scan, ins, torch.float32, grad_out, backend=backend)
+    assert set(got) == set(ref)
+    for key, r in ref.items():
+        scale = r.abs().max().item()
+        err = (got[key] - r).abs().max().item()
+        assert math.isfinite(err) and err <= 1e-4 * scale + 1e-10, (
+            f"{backend} {key}: {err:.3g} vs scale {scale:.3g}"
+        )
+
+
+CASES = {
+    "all-options": dict(),
+    "L=1": dict(batch=1, groups=1, per_group=6, n=3, length=1),
+    "bare-groups1": dict(groups=1, per_group=7, length=70, z=False, D=False, bias=False, softplus=False),
+    "large-decay": dict(a_scale=math.exp(3), delta_scale=4.0, length=100),
+    "mixed-decay": dict(delta_scale=3.0, length=150, seed=3),
+    "batch3-z-only": dict(batch=3, length=64, D=False, bias=False),
+    "D-no-softplus": dict(batch=2, groups=2, per_group=4, length=65, z=False, softplus=False),
+    "split-channel-blocks": dict(batch=1, groups=1, per_group=40, n=16, length=90),
+}
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_reference(backend: str, case: str) -> None:
+    assert_close_to_ref(make_inputs(**CASES[case]), backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("chunk", [1, 16, 33])
+def test_chunk_sizes_not_dividing_length(backend: str, chunk: int) -> None:
+    assert_close_to_ref(make_inputs(batch=2, groups=2, per_group=5, length=100, seed=7), backend, chunk=chunk)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_non_contiguous_inputs_and_no_grad(backend: str) -> None:
+    ins = make_inputs(batch=2, groups=4, per_group=3, length=40)
+    dense = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in ins.items()}
+    strided = dict(dense)
+    for k in ("u", "delta", "z"):
+        strided[k] = dense[k].transpose(1, 2).contiguous().transpose(1, 2)
+    for k in ("B", "C"):
+        strided[k] = dense[k].transpose(2, 3).contiguous().transpose(2, 3)
+    strided["A"] = dense["A"].t().contiguous().t()
+    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    with torch.no_grad():
+        a = selective_scan(**strided, backend=backend)
+        b = selective_scan(**dense, backend=backend)
+        r = selective_scan_ref(**dense)
+    assert (a - b).abs().max() <= 1e-6 * b.abs().max()  # same values whatever the strides
+    assert (a - r).abs().max() <= 1e-5 * r.abs().max()
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_partial_requires_grad_and_dtype(backend: str) -> None:
+    ins = make_inputs(batch=1, groups=2, per_group=2, length=20)
+    args = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in ins.items()}
+    args["B"] = args["B"].clone().requires_grad_()
+    selective_scan(**args, backend=backend).sum().backward()
+    assert args["B"].grad is not None and args["u"].grad is None
+    half = {k: (v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    half["B"] = half["B"].detach()
+    assert selective_scan(**half, backend=backend).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_chunked_gradcheck_float64(checkpoint: bool) -> None:
+    ins = make_inputs(batch=1, groups=2, per_group=2, n=2, length=5, seed=5)
+    leaves = [ins[k].clone().requires_grad_() for k in NAMES]
+
+    def f(*xs):
+        return selective_scan_chunked(*xs, delta_softplus=True, chunk=2, checkpoint=checkpoint)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
+
+
+def test_dispatch_env_override_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    u = torch.zeros(1, 2, 3)
+    monkeypatch.setenv("QMAMBAIR_SCAN", "ref")
+    assert resolve_backend(None, u) == "ref"
+    assert resolve_backend("chunked", u) == "chunked"  # the argument wins over the environment
+    monkeypatch.setenv("QMAMBAIR_SCAN", "CHUNKED")
+    assert resolve_backend(None, u) == "chunked"
+    monkeypatch.setenv("QMAMBAIR_SCAN", "bogus")
+    with pytest.raises(ValueError, match="QMAMBAIR_SCAN"):
+        resolve_backend(None, u)
+    monkeypatch.delenv("QMAMBAIR_SCAN")
+    with pytest.raises(ValueError, match="unknown scan backend 'nope'"):
+        selective_scan(
+            u, u, torch.zeros(2, 1), torch.zeros(1, 1, 1, 3), torch.zeros(1, 1, 1, 3), backend="nope"
+        )
+    with pytest.raises((RuntimeError, ValueError), match="gpu"):
+        resolve_backend("gpu", u)
+    assert resolve_backend(None, u) == ("cpu" if HAS_CPU else "chunked")
+    assert resolve_backend(None, u.double()) == "chunked"
+    assert {"ref", "chunked"} <= set(available_backends())
+
+
+def test_env_selects_backend_that_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(scan, "selective_scan_ref", lambda *a: calls.append(a) or a[0])
+    monkeypatch.setenv("QMAMBAIR_SCAN", "ref")
+    u = torch.ones(1, 2, 3)
+    assert selective_scan(u, u, torch.zeros(2, 1), torch.zeros(1, 1, 1, 3), torch.zeros(1, 1, 1, 3)) is u
+    assert len(calls) == 1
+
+
+def test_missing_numba_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scan, "_cpu_module", lambda: None)
+    u = torch.zeros(1, 2, 3)
+    assert resolve_backend(None, u) == "chunked"
+    assert "cpu" not in available_backends()
+    with pytest.raises(RuntimeError, match="numba"):
+        resolve_backend("cpu", u)
+
+
+def test_package_imports_without_numba() -> None:
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import qmambair.scan as s, qmambair.scan.cpu as c\n"
+        "assert not c.AVAILABLE and 'cpu' not in s.available_backends()\n"
+        "import torch; u = torch.ones(1, 2, 3)\n"
+        "assert s.resolve_backend(None, u) == 'chunked'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_chunked_exports_to_onnx(tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    ins = make_inputs(batch=1, groups=2, per_group=3, n=4, length=40, seed=2)
+    t = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in ins.items()}
+
+    class Scan(torch.nn.Module):
+        def forward(self, u, delta, B, C, z):
+            return selective_scan_chunked(
+                u, delta, t["A"], B, C, t["D"], z, t["delta_bias"], delta_softplus=True, chunk=16
+            )
+
+    args = (t["u"], t["delta"], t["B"], t["C"], t["z"])
+    path = tmp_path / "scan.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Scan().eval(), args, str(path), input_names=list("udBCz"), dynamo=True)
+        expected = Scan()(*args)
+    got = ort.InferenceSession(str(path)).run(
+        None, {k: v.numpy() for k, v in zip("udBCz", args, strict=True)}
+    )[0]
+    assert abs(torch.from_numpy(got) - expected).max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_backend_matches_reference() -> None:
+    from qmambair.scan.gpu import available
+
+    if not available():
+        pytest.skip("neither mamba_ssm nor triton is installed")
+    ins = make_inputs(batch=2, groups=4, per_group=8, n=10, length=200)
+    cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in ins.items()}
+    g = torch.randn(ins["u"].shape, dtype=torch.float64)
+    ref = run(selective_scan_ref, ins, torch.float64, g)
+    got = run(selective_scan, cuda, torch.float32, g.cuda(), backend="gpu")
+    for key, r in ref.items():
+        err = (got[key].cpu() - r).abs().max().item()
+        assert err <= 1e-4 * r.abs().max().item() + 1e-10, key
