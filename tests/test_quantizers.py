@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -345,7 +346,9 @@ def _broadcast_worker(rank: int, world: int, init_file: str, queue) -> None:
     x = torch.randn(64) * (rank + 1) + (0.0 if rank == 0 else 5.0)  # rank 1: different batch, unsigned
     model.train()(x)
     broadcast_quantizer_state(model)
-    queue.put((rank, {k: v.clone() for k, v in model.state_dict().items()}))
+    # numpy arrays travel by value; torch tensors would be shared through file descriptors that vanish when
+    # this process exits before the parent has read the queue
+    queue.put((rank, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -364,4 +367,4 @@ def test_broadcast_makes_first_batch_init_identical_across_ranks(tmp_path):
         assert p.exitcode == 0
     assert results[0].keys() == results[1].keys()
     for k in results[0]:
-        assert torch.equal(results[0][k], results[1][k]), k
+        assert np.array_equal(results[0][k], results[1][k]), k

@@ -97,7 +97,16 @@ def add_info_parser(sub: SubParsers) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS: list[Callable[[SubParsers], None]] = [add_restore_parser, add_info_parser]
+def _builtin_commands() -> list[Callable[[SubParsers], None]]:
+    from .commands.data import add_data_parser
+    from .commands.export import add_export_parser
+    from .commands.train import add_qat_parser, add_train_parser
+
+    return [add_restore_parser, add_info_parser, add_data_parser, add_train_parser, add_qat_parser,
+            add_export_parser]
+
+
+COMMANDS: list[Callable[[SubParsers], None]] = _builtin_commands()
 
 
 def register_command(adder: Callable[[SubParsers], None]) -> Callable[[SubParsers], None]:

@@ -78,8 +78,16 @@ def format_info(source: str, info: dict[str, Any]) -> str:
 def run_info(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     info = model_info(model, args.size)
+    packed = None
+    if str(args.model).lower().endswith(".qmb"):
+        from .export import format_packed_info, packed_info
+
+        packed = packed_info(args.model)
+        info["packed"] = {k: v for k, v in packed.items() if k not in ("config", "quant_config")}
     if args.json:
         print(json.dumps({"model": args.model, **info}, indent=2, default=str))
     else:
         print(format_info(args.model, info))
+        if packed is not None:
+            print(format_packed_info(packed))
     return 0

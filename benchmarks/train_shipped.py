@@ -1,0 +1,176 @@
+"""Train the shipped models on the built-in photo pool and write them, with model cards, into the package.
+
+    qmambair data fetch                                    # once: the photo pool
+    python benchmarks/train_shipped.py --scale 4           # float, then Q-MambaIR and LSQ at W4A4 and W2A2
+    python benchmarks/train_shipped.py --scale 2 --fp-iters 1000 --qat-iters 250
+
+Every run lives in ``runs/shipped/light-x<s>-<fp|method-wbab>`` and resumes from its ``last.pt`` when the
+script is started again (kill it at any moment). Finished runs are skipped. At the end of each run the model
+is written to ``src/qmambair/weights/``: the float model as safetensors, quantized models as packed ``.qmb``
+files, each with a Markdown model card (data, budget, machine, wall time, test PSNR/SSIM).
+
+All QAT runs of one scale share one budget and seed (same iterations, batch, patch, learning rate), so
+Q-MambaIR and LSQ are compared fairly. The test numbers are the trainer's validation on the pool's test split
+(centre crops, Y channel, border = scale; see ``qmambair.train.validate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qmambair.models.checkpoint import load_model
+from qmambair.quant.pack import export_packed
+from qmambair.train import make_config, train
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "qmambair" / "weights"
+QAT_RUNS = (("qmambair", 4), ("lsq", 4), ("qmambair", 2), ("lsq", 2))
+
+
+def machine() -> str:
+    """A one-line description of this machine for model cards."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+
+
+def run_times(log: Path) -> tuple[float, int]:
+    """Total wall seconds of all sessions of a run (resumes included) and its final step."""
+    seconds, step = 0.0, 0
+    for line in log.read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") == "end":
+            seconds += float(event.get("seconds", 0.0))
+            step = int(event.get("step", step))
+    return seconds, step
+
+
+def last_validation(log: Path) -> dict[str, Any]:
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    vals = [e for e in events if e.get("event") == "val"]
+    if not vals:
+        raise RuntimeError(f"{log} has no validation event")
+    return vals[-1]
+
+
+def write_card(name: str, weight_file: Path, run: Path, cfg: dict[str, Any], extra: str = "") -> None:
+    val = last_validation(run / "log.jsonl")
+    seconds, step = run_times(run / "log.jsonl")
+    quant = cfg.get("quant") or {}
+    start = f"{Path(cfg['init']).parent.name}/{Path(cfg['init']).name}" if cfg["init"] else "random init"
+    kind = f"{quant['method']} W{quant['bits']}A{quant['bits']} (QAT)" if quant else "full precision"
+    lines = [
+        f"# {name}",
+        "",
+        f"MambaIR {cfg['preset']} ({kind}), trained by `benchmarks/train_shipped.py` in this repository.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| file | `{weight_file.name}` ({weight_file.stat().st_size:,} bytes) |",
+        f"| data | built-in photo pool (`qmambair data fetch`), train split; HR patches {cfg['patch']} px, "
+        f"flips/rotations |",
+        f"| degradation | MATLAB bicubic ×{cfg['preset'].rsplit('x', 1)[-1]} |",
+        f"| budget | {step} iterations, batch {cfg['batch']}, Adam lr {cfg['lr']:g}, MultiStepLR at "
+        f"{'/'.join(f'{m:g}' for m in cfg['milestones'])} of the run, L1 |",
+        f"| starts from | {start} |",
+        f"| machine | {machine()} (CPU, no GPU) |",
+        f"| wall time | {seconds / 60:.1f} min |",
+        f"| test PSNR / SSIM | {val['psnr']:.3f} dB / {val['ssim']:.4f} (bicubic {val['psnr_base']:.3f} dB / "
+        f"{val['ssim_base']:.4f}) on {val['n']} test-split photos, centre crops of {cfg['val_crop']} px, "
+        f"Y channel, border {cfg['preset'].rsplit('x', 1)[-1]} |",
+    ]
+    if extra:
+        lines += ["", extra]
+    lines += [
+        "",
+        "CPU-scale training: these numbers are not comparable to published MambaIR / Q-MambaIR tables.",
+        "",
+    ]
+    weight_file.with_suffix(".md").write_text("\n".join(lines))
+
+
+def run(out: Path, **options: Any) -> dict[str, Any]:
+    """Train (or resume, or skip when finished) one run; returns its stored config."""
+    config = make_config(None, [], out=str(out), **options)
+    finished = (out / "log.jsonl").exists() and run_times(out / "log.jsonl")[1] >= config.iters
+    if not finished:
+        resume = (out / "last.pt").exists()
+        print(
+            f"== {out.name}: {'resuming' if resume else 'starting'} ({config.iters} iterations)", flush=True
+        )
+        train(config, resume=resume, progress=False)
+    return torch.load(out / "last.pt", map_location="cpu", weights_only=False)["config"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", type=int, choices=(2, 3, 4), required=True)
+    p.add_argument("--fp-iters", type=int, default=2000)
+    p.add_argument("--qat-iters", type=int, default=500)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--patch", type=int, default=0, help="HR patch (default: 16 x scale)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", default="runs/shipped")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    patch = args.patch or 16 * args.scale
+    preset = f"light-sr-x{args.scale}"
+    common = dict(
+        preset=preset,
+        data="builtin",
+        batch=args.batch,
+        patch=patch,
+        threads=args.threads,
+        device=args.device,
+        val_images=0,
+        val_crop=256,
+        scan="cpu" if args.device != "cuda" else "",
+    )
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    fp_dir = Path(args.runs) / f"light-x{args.scale}-fp"
+    cfg = run(fp_dir, iters=args.fp_iters, val_every=max(args.fp_iters // 4, 1), save_every=50, **common)
+    fp_file = WEIGHTS / f"{preset}-fp.safetensors"
+    shutil.copyfile(fp_dir / "model.safetensors", fp_file)
+    write_card(fp_file.stem, fp_file, fp_dir, cfg)
+
+    for method, bits in QAT_RUNS:
+        qdir = Path(args.runs) / f"light-x{args.scale}-{method}-w{bits}a{bits}"
+        cfg = run(
+            qdir,
+            iters=args.qat_iters,
+            val_every=max(args.qat_iters // 2, 1),
+            save_every=25,
+            init=str(fp_dir / "model.safetensors"),
+            quant={"method": method, "bits": bits},
+            **common,
+        )
+        qfile = WEIGHTS / f"{preset}-{method}-w{bits}a{bits}.qmb"
+        export_packed(load_model(qdir / "last.pt").eval(), qfile)
+        write_card(
+            qfile.stem,
+            qfile,
+            qdir,
+            cfg,
+            extra=f"Packed: {bits}-bit weight codes; {qfile.stat().st_size / fp_file.stat().st_size:.3f}× "
+            f"the float32 file.",
+        )
+    print(f"all runs of x{args.scale} done ({(time.perf_counter() - started) / 60:.1f} min this session)")
+
+
+if __name__ == "__main__":
+    main()

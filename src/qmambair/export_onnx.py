@@ -1,0 +1,167 @@
+"""ONNX export of float and quantized (fake-quant or packed) MambaIR models at a fixed tile size.
+
+The graph is traced on a copy of the model in eval mode with the pure-PyTorch chunked scan (the fused CPU
+kernel is numba, which no exporter can see through); the scan's chunk loop is unrolled, so the exported graph
+takes exactly one input size: ``(batch, in_chans, tile_h, tile_w)``. Run larger images tile by tile
+(``qmambair.eval.tiling``).
+
+Quantized models are exported after pre-deployment weight quantization (``freeze_weight_quantizers``): each
+weight becomes constant integer codes times its scale minus its offset (bit-identical to the fake-quant
+weight), so the graph holds no RFA threshold search. Activation quantizers export as Div/Clip/Round/Mul/Sub
+(the straight-through term x − stopgrad(x) is an exact zero in eval); DLS computes its statistics per call as
+in PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ONNX_OPSET = 18
+
+
+EXPORT_CHUNK = 4096  # scan positions per unrolled chunk in the graph: one chunk for tiles up to 64x64
+
+
+@contextlib.contextmanager
+def export_scan(max_chunk: int = EXPORT_CHUNK) -> Iterator[None]:
+    """Route SS2D's scan to the chunked backend with chunks of up to ``max_chunk`` positions.
+
+    The default chunk (64) makes the unrolled graph grow with the sequence length (~100k nodes and minutes
+    of export at 32x32); one long chunk keeps it to log2(L) doubling steps per block. ``selective_scan``
+    has no chunk argument, so SS2D's module-level reference is swapped while the context is active.
+    """
+    from .models import ss2d
+    from .scan import selective_scan_chunked
+
+    def scan(
+        u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+    ):
+        return selective_scan_chunked(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            delta_softplus,
+            return_last_state,
+            chunk=min(u.shape[-1], max_chunk),
+        )
+
+    old = ss2d.selective_scan
+    ss2d.selective_scan = scan
+    try:
+        yield
+    finally:
+        ss2d.selective_scan = old
+
+
+def _tile(tile: int | tuple[int, int]) -> tuple[int, int]:
+    th, tw = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    if th < 1 or tw < 1:
+        raise ValueError(f"tile must be positive, got {tile}")
+    return int(th), int(tw)
+
+
+def prepare_for_export(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` ready to trace: quantizers checked, weight quantizers frozen."""
+    from .quant import iter_quantizers
+    from .quant.pack import freeze_weight_quantizers
+
+    model = copy.deepcopy(model).eval()
+    lazy = [name for name, q in iter_quantizers(model) if not bool(q.initialized)]
+    if lazy:
+        raise ValueError(
+            f"{len(lazy)} quantizers are not initialised (e.g. {lazy[0]}): run a training batch "
+            "or calibrate() before exporting"
+        )
+    if getattr(model, "quant_config", None) is not None:
+        freeze_weight_quantizers(model)
+    return model
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tile: int | tuple[int, int] = (64, 64),
+    batch: int = 1,
+    opset: int = ONNX_OPSET,
+    dynamo: bool = False,
+) -> Path:
+    """Export ``model`` (float or quantized) to ONNX for inputs of shape (batch, C, tile_h, tile_w).
+
+    Input name ``input``, output name ``output``. ``dynamo=True`` uses torch.export (slower to export, same
+    graph content); the default is the TorchScript tracer. Returns the path.
+    """
+    th, tw = _tile(tile)
+    prepared = prepare_for_export(model)
+    in_chans = getattr(prepared, "in_chans", 3)
+    example = torch.rand(batch, in_chans, th, tw, generator=torch.Generator().manual_seed(0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with export_scan(), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        kwargs = {
+            "dynamo": dynamo,
+            "input_names": ["input"],
+            "output_names": ["output"],
+            "opset_version": opset,
+        }
+        if dynamo:
+            kwargs["verbose"] = False
+        torch.onnx.export(prepared, (example,), str(path), **kwargs)
+    return path
+
+
+def run_onnx(path: str | os.PathLike, x: torch.Tensor | np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Run an exported model with onnxruntime (CPU) on one input tile."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return session.run(None, {session.get_inputs()[0].name: array.astype(np.float32)})[0]
+
+
+def psnr_against(reference: np.ndarray, other: np.ndarray) -> float:
+    """PSNR (dB, peak 1) of ``other`` against ``reference`` after clamping both to [0, 1]; inf if equal."""
+    a = np.clip(np.asarray(reference, dtype=np.float64), 0, 1)
+    b = np.clip(np.asarray(other, dtype=np.float64), 0, 1)
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def onnx_parity(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> dict[str, float]:
+    """Compare the exported graph with the PyTorch model on ``x``: PSNR (dB) and max |diff|.
+
+    ``psnr``/``max_abs``: against PyTorch running the same scan algorithm as the graph (``export_scan``), the
+    graph's own parity. ``psnr_default_scan``: against the model as it normally runs (fused CPU scan). In a
+    fake-quant model tiny float differences can move a value across a rounding threshold, and the changed
+    code then propagates, so the second number is lower for low-bit models.
+    """
+    model = model.eval()
+    with torch.no_grad():
+        with export_scan():
+            ref = model(x).numpy()
+        default = model(x).numpy()
+    out = run_onnx(path, x)
+    return {
+        "psnr": psnr_against(ref, out),
+        "max_abs": float(np.abs(ref - out).max()),
+        "psnr_default_scan": psnr_against(default, out),
+    }

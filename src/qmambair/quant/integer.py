@@ -1,0 +1,256 @@
+"""Integer inference for quantized conv / linear / projection layers: integer codes in, exact sums, rescale.
+
+A quantized layer computes y = Σ x̂·Ŵ + bias with x̂ = s_a·q_a − β_a (activation codes q_a) and
+Ŵ = s_w·q_w − β_w (weight codes q_w). Expanding the product over one output's receptive field R::
+
+    Σ_R x̂·Ŵ = s_a s_w Σ q_a q_w − s_a β_w Σ q_a − β_a s_w Σ m q_w + β_a β_w Σ m
+
+where m is 1 at real input positions and 0 at zero padding: a padded position is x̂ = 0, which is not code 0
+once β_a ≠ 0, so the two offset terms count only real positions (``conv(m, q_w)`` and ``conv(m, 1)``, which
+depend on the position near the border, not on the data). Non-zero padding modes (reflect, ...) pad the codes
+themselves, since they commute with the affine map, and then m = 1 everywhere.
+
+Exactness: the four sums are sums of products of integers. With b <= 8, |q_a| <= 255 and |q_w| <= 128, so each
+product is below 2^15 and a sum over K terms below K·2^15; every partial sum is an integer of magnitude
+< 2^53 as long as K < 2^38 (the largest K in MambaIR is 180·9 = 1620), hence exactly representable in
+float64, and every float64 addition (in any order or blocking the conv/matmul kernel picks) is exact. torch's
+CPU conv has no integer dtypes, so the sums run as float64 conv/matmul on integer-valued tensors; only the
+final rescale rounds. The result equals the fake-quant forward up to float rounding.
+
+Supported activation quantizers: ``ActQuant``, ``DLS`` (per tensor or per sample), ``LSQ``, ``LSQPlus``;
+weight quantizers: everything with ``integer_codes`` (RFA, LSQ, LSQ+ per channel, max-abs, N2UQ, DoReFa) and
+frozen packed codes. DLS clips its output to [min x, max x] after dequantizing, which is not affine: the few
+clipped elements' difference to the affine value is added back as a (sparse) float correction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .act import ActQuant
+from .base import MIN_STEP, grad_scale, lsq_grad_factor
+from .baselines import LSQ, LSQPlus
+from .dls import DLS
+from .layers import QConv2d, QLinear, QProjection
+from .pack import weight_codes
+
+_F64 = torch.float64
+
+
+class ActCodes:
+    """x̂ = scale·codes − offset + residual (residual None unless the quantizer clips after dequantizing)."""
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+        residual: torch.Tensor | None = None,
+    ):
+        self.codes, self.scale, self.offset, self.residual = codes, scale, offset, residual
+
+
+@torch.no_grad()
+def activation_codes(quantizer: nn.Module, x: torch.Tensor) -> ActCodes:
+    """Integer codes of an activation, computed with the same float expressions as the quantizer's forward."""
+    if not bool(getattr(quantizer, "initialized", False)):
+        raise ValueError(
+            f"{type(quantizer).__name__} is not initialised; run a batch before integer inference"
+        )
+    qn, qp = quantizer.qn, quantizer.qp
+    if isinstance(quantizer, ActQuant):
+        s = grad_scale(quantizer.step, lsq_grad_factor(x.numel(), qp)).clamp_min(MIN_STEP)
+        return ActCodes(torch.clamp((x + quantizer.offset) / s, qn, qp).round(), s, quantizer.offset)
+    if isinstance(quantizer, LSQ):
+        s = quantizer._step(x)
+        return ActCodes(torch.clamp(x / s, qn, qp).round(), s, torch.zeros_like(s))
+    if isinstance(quantizer, LSQPlus):
+        s = grad_scale(quantizer.step, lsq_grad_factor(x.numel(), qp)).clamp_min(MIN_STEP)
+        return ActCodes(torch.clamp((x - quantizer.offset) / s, qn, qp).round(), s, -quantizer.offset)
+    if isinstance(quantizer, DLS) and x.dim() > 0:
+        delta, beta, lo, hi = quantizer.step_and_offset(x)
+        codes = torch.clamp((x + beta) / delta, qn, qp).round()
+        affine = delta.to(_F64) * codes.to(_F64) - beta.to(_F64)
+        clipped = torch.minimum(torch.maximum(affine, lo.to(_F64)), hi.to(_F64))
+        return ActCodes(codes, delta, beta, clipped - affine)
+    raise NotImplementedError(f"integer inference does not support {type(quantizer).__name__} activations")
+
+
+def _per_output(t: torch.Tensor, out_shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """A weight scale/offset as one value per output channel: (prod(out_shape),)."""
+    t = t.detach().to(_F64)
+    full = len(out_shape) + 2  # enough trailing dims for any weight layout
+    t = t.reshape(tuple(t.shape) + (1,) * max(0, full - t.dim()))
+    if any(size != 1 for size in t.shape[len(out_shape) :]):
+        raise NotImplementedError(f"weight {what} varies along the reduced dims; only per-output supported")
+    return t.reshape(t.shape[: len(out_shape)]).expand(out_shape).reshape(-1)
+
+
+def _combine(s1, s2, s3, s4, a: ActCodes, sw, bw) -> torch.Tensor:
+    """s_a s_w S1 − s_a β_w S2 − β_a s_w S3 + β_a β_w S4 (float64; scalars/tensors already broadcastable)."""
+    sa, ba = a.scale.to(_F64), a.offset.to(_F64)
+    return sa * sw * s1 - sa * bw * s2 - ba * sw * s3 + ba * bw * s4
+
+
+def _batch_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-tensor scalar or a per-sample (B, 1, ..) statistic, broadcastable over ``ndim`` dims."""
+    return t.reshape(t.shape[:1] + (1,) * (ndim - 1)) if t.dim() > 0 else t
+
+
+@torch.no_grad()
+def integer_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor:
+    """QConv2d forward through integer codes (see the module docstring)."""
+    a = activation_codes(layer.act_quant, x)
+    qw, sw, bw = weight_codes(layer.weight_quant, layer.weight)
+    out_ch = layer.out_channels
+    sw = _per_output(sw, (out_ch,), "scale").view(1, -1, 1, 1)
+    bw = _per_output(bw, (out_ch,), "offset").view(1, -1, 1, 1)
+    qa, qw = a.codes.to(_F64), qw.to(_F64)
+    padding = layer.padding
+    if layer.padding_mode != "zeros":  # pad the codes themselves; every position is then "real"
+        qa = F.pad(qa, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = 0
+    g, kh, kw = layer.groups, qw.shape[2], qw.shape[3]
+
+    def conv(inp: torch.Tensor, w: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        return F.conv2d(inp, w, None, layer.stride, padding, layer.dilation, groups)
+
+    s1 = conv(qa, qw, g)
+    # Σ q_a over a window depends only on the group of the output channel; the mask sums only on position.
+    qa_sum = qa.reshape(qa.shape[0], g, -1, *qa.shape[2:]).sum(2)
+    s2 = conv(qa_sum, qw.new_ones(g, 1, kh, kw), g).repeat_interleave(out_ch // g, dim=1)
+    mask = qa.new_ones(1, 1, *qa.shape[2:])
+    s3 = conv(mask, qw.sum(1, keepdim=True))
+    s4 = conv(mask, qw.new_ones(1, 1, kh, kw)) * qw.shape[1]
+    y = _combine(s1, s2, s3, s4, _shape_act(a, 4), sw, bw)
+    if a.residual is not None and bool(a.residual.any()):
+        w_hat = layer.weight_quant(layer.weight).to(_F64)
+        res = (
+            a.residual
+            if layer.padding_mode == "zeros"
+            else F.pad(a.residual, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        )
+        y = y + conv(res, w_hat, g)
+    if layer.bias is not None:
+        y = y + layer.bias.to(_F64).view(1, -1, 1, 1)
+    return y.to(x.dtype)
+
+
+def _shape_act(a: ActCodes, ndim: int) -> ActCodes:
+    return ActCodes(a.codes, _batch_view(a.scale, ndim), _batch_view(a.offset, ndim), a.residual)
+
+
+@torch.no_grad()
+def integer_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor:
+    """QLinear forward through integer codes: no padding, so the mask sums are plain row sums."""
+    a = _shape_act(activation_codes(layer.act_quant, x), x.dim())
+    qw, sw, bw = weight_codes(layer.weight_quant, layer.weight)
+    sw, bw = _per_output(sw, (layer.out_features,), "scale"), _per_output(bw, (layer.out_features,), "offset")
+    qa, qw = a.codes.to(_F64), qw.to(_F64)
+    s1 = qa @ qw.T
+    s2 = qa.sum(-1, keepdim=True)
+    s3 = qw.sum(1)
+    y = _combine(s1, s2, s3, float(layer.in_features), a, sw, bw)
+    if a.residual is not None and bool(a.residual.any()):
+        y = y + a.residual @ layer.weight_quant(layer.weight).to(_F64).T
+    if layer.bias is not None:
+        y = y + layer.bias.to(_F64)
+    return y.to(x.dtype)
+
+
+@torch.no_grad()
+def integer_projection(layer: QProjection, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """QProjection forward: (b, K, d, L) x (K, c, d) -> (b, K, c, L) through integer codes."""
+    a = _shape_act(activation_codes(layer.act_quant, x), x.dim())
+    qw, sw, bw = weight_codes(layer.weight_quant, weight)
+    k, c, d = weight.shape
+    sw = _per_output(sw, (k, c), "scale").view(1, k, c, 1)
+    bw = _per_output(bw, (k, c), "offset").view(1, k, c, 1)
+    qa, qw = a.codes.to(_F64), qw.to(_F64)
+    s1 = torch.einsum("bkdl,kcd->bkcl", qa, qw)
+    s2 = qa.sum(2, keepdim=True)
+    s3 = qw.sum(2).view(1, k, c, 1)
+    y = _combine(s1, s2, s3, float(d), a, sw, bw)
+    if a.residual is not None and bool(a.residual.any()):
+        y = y + torch.einsum("bkdl,kcd->bkcl", a.residual, layer.weight_quant(weight).to(_F64))
+    return y.to(x.dtype)
+
+
+_INTEGER_FORWARD = {QConv2d: integer_conv2d, QLinear: integer_linear, QProjection: integer_projection}
+
+
+def _supported(module: nn.Module) -> bool:
+    act = module.act_quant
+    if not isinstance(act, ActQuant | LSQ | LSQPlus | DLS):
+        return False
+    return hasattr(module.weight_quant, "integer_codes") or hasattr(module.weight_quant, "frozen_codes")
+
+
+def enable_integer_inference(model: nn.Module, strict: bool = False) -> list[str]:
+    """Switch every supported quantized layer to integer inference (in place); returns their paths.
+
+    Unsupported layers (other activation quantizers) keep the fake-quant forward, or raise with ``strict``.
+    """
+    done = []
+    for path, module in model.named_modules():
+        fn = _INTEGER_FORWARD.get(type(module))
+        if fn is None:
+            continue
+        if not _supported(module):
+            if strict:
+                raise NotImplementedError(f"{path}: {type(module.act_quant).__name__} has no integer mode")
+            continue
+        module.forward = types.MethodType(fn, module)
+        done.append(path)
+    return done
+
+
+def disable_integer_inference(model: nn.Module) -> None:
+    """Back to the fake-quant forward everywhere."""
+    for module in model.modules():
+        if type(module) in _INTEGER_FORWARD and "forward" in module.__dict__:
+            del module.forward
+
+
+@contextlib.contextmanager
+def integer_inference(model: nn.Module, strict: bool = False) -> Iterator[list[str]]:
+    """Context manager: integer inference inside the block, fake-quant again after it."""
+    done = enable_integer_inference(model, strict)
+    try:
+        yield done
+    finally:
+        disable_integer_inference(model)
+
+
+@torch.no_grad()
+def integer_parity(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per-layer check on real activations: run the fake-quant model on ``x`` and feed every supported
+    layer's input to its integer forward too; returns max |int − fake| / max |fake| per layer path.
+
+    (End to end the two paths drift apart in float32 wherever a later quantizer's input sits within float
+    rounding of a threshold; layer by layer they agree to float rounding.)
+    """
+    errors: dict[str, float] = {}
+    handles = []
+    for path, module in model.named_modules():
+        fn = _INTEGER_FORWARD.get(type(module))
+        if fn is None or not _supported(module):
+            continue
+
+        def hook(mod, args, out, path=path, fn=fn):
+            diff = (fn(mod, *args).double() - out.double()).abs().max()
+            errors[path] = float(diff / out.double().abs().max().clamp_min(1e-30))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return errors

@@ -1,0 +1,145 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+A checkpoint is a ``torch.save`` dict that loads with ``weights_only=True``::
+
+    qmambair      {"format": "qmambair-train", "version": 1}   (how load_model recognises it)
+    model         state dict (quantizer state included for QAT)
+    model_config  build_model keywords;  preset  its preset name
+    quant_config  QuantConfig.to_dict() or None
+    config        the TrainConfig of the run (resolved)
+    step          optimiser steps taken
+    optimizer, scheduler, rng (one entry per process: python, numpy, torch, cuda)   (absent in best.pt)
+    metrics       last validation and best-so-far numbers
+
+Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed over the target
+(and the folder fsync'ed), so a crash or SIGKILL at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..fileio import atomic_path
+
+__all__ = [
+    "FORMAT",
+    "atomic_save",
+    "load_checkpoint",
+    "model_from_training_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "training_checkpoint",
+]
+
+FORMAT = {"format": "qmambair-train", "version": 1}
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` via temp file + fsync + rename; never leaves a partial file at ``path``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random states (python, numpy, torch CPU and CUDA) in a weights_only-safe form."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {**np_state, "state": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                                        "pos": int(np_state["state"]["pos"])}},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = dict(state["numpy"])
+    np_state["state"] = {"key": np_state["state"]["key"].numpy().astype(np.uint32),
+                         "pos": int(np_state["state"]["pos"])}
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def training_checkpoint(
+    model: nn.Module,
+    config: dict[str, Any],
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    rng: list[dict[str, Any]] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict (module docstring); without optimizer/scheduler/rng it is a weights-only file."""
+    quant = getattr(model, "quant_config", None)
+    obj: dict[str, Any] = {
+        "qmambair": dict(FORMAT),
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "model_config": dict(model.config),
+        "preset": getattr(model, "preset", None) or "",
+        "quant_config": quant.to_dict() if quant is not None else None,
+        "config": dict(config),
+        "step": int(step),
+        "metrics": dict(metrics or {}),
+    }
+    if optimizer is not None:
+        obj["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        obj["scheduler"] = scheduler.state_dict()
+    if rng is not None:
+        obj["rng"] = list(rng)
+    return obj
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a training checkpoint (``weights_only=True``); errors say what is wrong with the file."""
+    from ..models.checkpoint import CheckpointError
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint")
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{p}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict) or obj.get("qmambair", {}).get("format") != FORMAT["format"]:
+        raise CheckpointError(f"{p}: not a qmambair training checkpoint")
+    if obj["qmambair"].get("version", 0) > FORMAT["version"]:
+        version = obj["qmambair"]["version"]
+        raise CheckpointError(f"{p}: written by a newer qmambair (format version {version})")
+    return obj
+
+
+def model_from_training_checkpoint(obj: dict[str, Any]) -> nn.Module:
+    """The network of a loaded training checkpoint (quantized if it was a QAT run), in train mode."""
+    from ..models.checkpoint import CheckpointError, load_state_dict_checked
+    from ..models.presets import build_model, preset_for_config
+
+    try:
+        config = dict(obj["model_config"])
+        state = obj["model"]
+    except (KeyError, TypeError):
+        raise CheckpointError("training checkpoint lacks model_config/model entries") from None
+    model = build_model(None, **config)
+    model.preset = obj.get("preset") or preset_for_config(config)
+    if obj.get("quant_config"):
+        from ..quant import QuantConfig, quantize_model
+
+        model = quantize_model(model, QuantConfig.from_dict(obj["quant_config"]))
+    load_state_dict_checked(model, state)
+    return model

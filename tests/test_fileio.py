@@ -1,0 +1,35 @@
+"""Atomic writes: a failed write keeps the old file and leaves no temporary; a good one has normal modes."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from qmambair.fileio import atomic_path
+
+
+def test_failed_write_keeps_old_file(tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
+
+
+def test_successful_write_replaces_and_uses_umask_permissions(tmp_path):
+    target = tmp_path / "sub" / "model.bin"
+    old = os.umask(0o022)
+    try:
+        with atomic_path(target) as tmp:
+            assert tmp.parent == target.parent and tmp != target
+            tmp.write_bytes(b"new")
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert [p.name for p in target.parent.iterdir()] == ["model.bin"]
