@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -26,25 +25,13 @@ from typing import Any
 
 import torch
 
+from qmambair.eval.report import describe_machine
 from qmambair.models.checkpoint import load_model
 from qmambair.quant.pack import export_packed
 from qmambair.train import make_config, train
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "qmambair" / "weights"
 QAT_RUNS = (("qmambair", 4), ("lsq", 4), ("qmambair", 2), ("lsq", 2))
-
-
-def machine() -> str:
-    """A one-line description of this machine for model cards."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
 def run_times(log: Path) -> tuple[float, int]:
@@ -66,11 +53,20 @@ def last_validation(log: Path) -> dict[str, Any]:
     return vals[-1]
 
 
-def write_card(name: str, weight_file: Path, run: Path, cfg: dict[str, Any], extra: str = "") -> None:
-    val = last_validation(run / "log.jsonl")
-    seconds, step = run_times(run / "log.jsonl")
+def write_card(
+    name: str, weight_file: Path, runs: list[Path], cfg: dict[str, Any], extra: str = ""
+) -> None:
+    """Model card of the model trained by ``runs`` (stages, each starting from the previous one's weights)."""
+    val = last_validation(runs[-1] / "log.jsonl")
+    times = [run_times(run / "log.jsonl") for run in runs]
+    seconds, step = sum(t[0] for t in times), sum(t[1] for t in times)
+    staged = ""
+    if len(runs) > 1:
+        staged = f" ({' + '.join(str(t[1]) for t in times)}: stages restarting the schedule)"
     quant = cfg.get("quant") or {}
-    start = f"{Path(cfg['init']).parent.name}/{Path(cfg['init']).name}" if cfg["init"] else "random init"
+    first = torch.load(runs[0] / "last.pt", map_location="cpu", weights_only=False)["config"]
+    init = Path(first["init"]) if first["init"] else None
+    start = f"{init.parent.name}/{init.name}" if init else "random init"
     kind = f"{quant['method']} W{quant['bits']}A{quant['bits']} (QAT)" if quant else "full precision"
     lines = [
         f"# {name}",
@@ -83,10 +79,10 @@ def write_card(name: str, weight_file: Path, run: Path, cfg: dict[str, Any], ext
         f"| data | built-in photo pool (`qmambair data fetch`), train split; HR patches {cfg['patch']} px, "
         f"flips/rotations |",
         f"| degradation | MATLAB bicubic ×{cfg['preset'].rsplit('x', 1)[-1]} |",
-        f"| budget | {step} iterations, batch {cfg['batch']}, Adam lr {cfg['lr']:g}, MultiStepLR at "
+        f"| budget | {step} iterations{staged}, batch {cfg['batch']}, Adam lr {cfg['lr']:g}, MultiStepLR at "
         f"{'/'.join(f'{m:g}' for m in cfg['milestones'])} of the run, L1 |",
         f"| starts from | {start} |",
-        f"| machine | {machine()} (CPU, no GPU) |",
+        f"| machine | {describe_machine(cfg.get('device'))} |",
         f"| wall time | {seconds / 60:.1f} min |",
         f"| test PSNR / SSIM | {val['psnr']:.3f} dB / {val['ssim']:.4f} (bicubic {val['psnr_base']:.3f} dB / "
         f"{val['ssim_base']:.4f}) on {val['n']} test-split photos, centre crops of {cfg['val_crop']} px, "
@@ -118,7 +114,9 @@ def run(out: Path, **options: Any) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", type=int, choices=(2, 3, 4), required=True)
-    p.add_argument("--fp-iters", type=int, default=2000)
+    p.add_argument("--fp-iters", default="2000",
+                   help="float training stages, e.g. 2000,2500: each stage starts from the previous one's "
+                   "weights with a fresh schedule (lets a finished model train longer)")
     p.add_argument("--qat-iters", type=int, default=500)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--patch", type=int, default=0, help="HR patch (default: 16 x scale)")
@@ -142,11 +140,15 @@ def main() -> None:
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    fp_dir = Path(args.runs) / f"light-x{args.scale}-fp"
-    cfg = run(fp_dir, iters=args.fp_iters, val_every=max(args.fp_iters // 4, 1), save_every=50, **common)
+    fp_dirs: list[Path] = []
+    for stage, iters in enumerate(int(n) for n in args.fp_iters.split(",")):
+        fp_dir = Path(args.runs) / f"light-x{args.scale}-fp{'' if stage == 0 else stage + 1}"
+        init = {"init": str(fp_dirs[-1] / "model.safetensors")} if fp_dirs else {}
+        cfg = run(fp_dir, iters=iters, val_every=max(iters // 4, 1), save_every=50, **init, **common)
+        fp_dirs.append(fp_dir)
     fp_file = WEIGHTS / f"{preset}-fp.safetensors"
     shutil.copyfile(fp_dir / "model.safetensors", fp_file)
-    write_card(fp_file.stem, fp_file, fp_dir, cfg)
+    write_card(fp_file.stem, fp_file, fp_dirs, cfg)
 
     for method, bits in QAT_RUNS:
         qdir = Path(args.runs) / f"light-x{args.scale}-{method}-w{bits}a{bits}"
@@ -164,7 +166,7 @@ def main() -> None:
         write_card(
             qfile.stem,
             qfile,
-            qdir,
+            [qdir],
             cfg,
             extra=f"Packed: {bits}-bit weight codes; {qfile.stat().st_size / fp_file.stat().st_size:.3f}× "
             f"the float32 file.",

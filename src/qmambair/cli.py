@@ -98,12 +98,14 @@ def add_info_parser(sub: SubParsers) -> None:
 
 
 def _builtin_commands() -> list[Callable[[SubParsers], None]]:
+    from .commands.benchmark import add_benchmark_parser
     from .commands.data import add_data_parser
+    from .commands.demo import add_demo_parser
     from .commands.export import add_export_parser
     from .commands.train import add_qat_parser, add_train_parser
 
-    return [add_restore_parser, add_info_parser, add_data_parser, add_train_parser, add_qat_parser,
-            add_export_parser]
+    return [add_demo_parser, add_restore_parser, add_info_parser, add_data_parser, add_train_parser,
+            add_qat_parser, add_export_parser, add_benchmark_parser]
 
 
 COMMANDS: list[Callable[[SubParsers], None]] = _builtin_commands()

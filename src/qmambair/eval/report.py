@@ -16,7 +16,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Column", "write_csv", "markdown_table", "html_table", "plot_metric_vs_bits", "format_value"]
+__all__ = [
+    "Column",
+    "write_csv",
+    "markdown_table",
+    "html_table",
+    "plot_metric_vs_bits",
+    "format_value",
+    "describe_machine",
+]
+
+
+def describe_machine(device: str | None = None) -> str:
+    """CPU model (and GPU name when ``device`` is CUDA), torch threads and version, for results tables."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    gpu = f"; GPU {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else "; no GPU"
+    return f"CPU {cpu}, {torch.get_num_threads()} torch thread(s){gpu}; torch {torch.__version__}"
 
 
 @dataclass(frozen=True)
@@ -99,8 +127,9 @@ def plot_metric_vs_bits(
     for method, points in series.items():
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-    for i, (label, value) in enumerate((floors or {}).items()):
-        ax.axhline(value, linestyle="--", color=f"C{len(series) + i}", label=label)
+    styles = ("--", ":", "-.")
+    for i, (label, value) in enumerate((floors or {}).items()):  # grey reference lines, apart from the series
+        ax.axhline(value, linestyle=styles[i % len(styles)], color=str(0.2 + 0.25 * (i % 3)), label=label)
     bits = sorted({b for points in series.values() for b, _ in points})
     if bits:
         ax.set_xticks(bits)

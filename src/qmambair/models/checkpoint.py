@@ -185,13 +185,21 @@ def load_model(
       qmambair training checkpoint;
     - ``.qmb``: a packed low-bit file (see ``qmambair.quant.pack``).
     ``preset`` forces an architecture (the file must then fit it exactly, else a ``CheckpointError``).
-    A preset name (no such file) builds a randomly initialised model.
+    A shipped model's name (``qmambair.models.shipped``, e.g. ``light-sr-x4-fp``) loads that file; a preset
+    name (no such file) builds a randomly initialised model.
     """
+    from .shipped import list_shipped, shipped_path
+
     p = Path(path)
+    if not p.exists() and shipped_path(str(path)) is not None:
+        p = shipped_path(str(path))
     if not p.exists():
         if preset is None and str(path) in _preset_names():
             return build_model(str(path)).eval()
-        raise CheckpointError(f"{path}: no such file (nor a preset name: {', '.join(_preset_names())})")
+        raise CheckpointError(
+            f"{path}: no such file, shipped model ({', '.join(list_shipped()) or 'none installed'}) "
+            f"or preset ({', '.join(_preset_names())})"
+        )
     if p.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
     suffix = p.suffix.lower()

@@ -16,7 +16,7 @@ from ..eval.tiling import restore_tiled
 from ..metrics import psnr, ssim
 from .distributed import DistInfo, all_reduce_sum
 
-__all__ = ["evaluate", "metric_settings"]
+__all__ = ["evaluate", "metric_settings", "baseline_output"]
 
 
 def metric_settings(degradation: Degradation) -> tuple[int, bool]:
@@ -26,7 +26,8 @@ def metric_settings(degradation: Degradation) -> tuple[int, bool]:
     return 0, False
 
 
-def _baseline(lq: torch.Tensor, degradation: Degradation) -> torch.Tensor:
+def baseline_output(lq: torch.Tensor, degradation: Degradation) -> torch.Tensor:
+    """The no-network output: MATLAB-bicubic upsampling for SR, the degraded input itself otherwise."""
     if degradation.kind == "bicubic":
         return imresize(lq.double(), float(degradation.factor)).float().clamp(0, 1)
     return lq.clamp(0, 1)
@@ -61,7 +62,7 @@ def evaluate(
             sums[0] += psnr(out, hr, crop, y_channel)
             sums[1] += ssim(out, hr, crop, y_channel)
             if baseline:
-                base = _baseline(lq, images.degradation)
+                base = baseline_output(lq, images.degradation)
                 sums[2] += psnr(base, hr, crop, y_channel)
                 sums[3] += ssim(base, hr, crop, y_channel)
             sums[4] += 1
