@@ -12,6 +12,11 @@ gradients included; the forward+backward value includes the forward). Then it ti
 subprocess with an empty NUMBA_CACHE_DIR; "cache load" is the first call in a process with the cache filled.
 
     python benchmarks/scan.py [--threads 2] [--repeats 5] [--large]
+    python benchmarks/scan.py --interleaved [--shape light] [--repeats 5]
+
+``--interleaved`` is the speed comparison proper: one process, the backends run in turn (ref, cpu, chunked,
+ref, cpu, ...) on the same inputs so that machine load hits them alike; it prints the medians and each
+backend's speed-up over the reference loop (ratio of medians). Memory is not measured in this mode.
 """
 
 from __future__ import annotations
@@ -102,6 +107,45 @@ def worker(backend: str, shape_name: str, repeats: int, threads: int, fwd_only: 
     return res
 
 
+def interleaved(shape_name: str, repeats: int, threads: int, backends=("ref", "cpu", "chunked")) -> None:
+    """Time the backends round-robin in this process; print medians and speed-ups over ``ref``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(ROOT / "src"))
+    from qmambair.scan import selective_scan
+
+    inputs = _inputs(SHAPES[shape_name], grad=True)
+
+    def run(backend: str, backward: bool) -> float:
+        start = time.perf_counter()
+        with torch.set_grad_enabled(backward):
+            y = selective_scan(**inputs, delta_softplus=True, backend=backend)
+            if backward:
+                y.backward(torch.ones_like(y))
+        for v in inputs.values():
+            v.grad = None
+        return time.perf_counter() - start
+
+    times = {(b, m): [] for b in backends for m in (False, True)}
+    for backend in backends:  # warm-up: kernel compilation / cache load, allocations
+        run(backend, True)
+    for _ in range(repeats):
+        for backward in (False, True):
+            for backend in backends:
+                times[backend, backward].append(run(backend, backward))
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    b, g, c, n, length = SHAPES[shape_name]
+    print(f"# selective scan, {shape_name} (batch {b}, D'={g * c}, N={n}, L={length}), one process, "
+          f"{threads} threads, torch {torch.__version__}, median of {repeats} interleaved runs\n")
+    print("| backend | fwd ms | fwd+bwd ms | fwd speed-up vs ref | fwd+bwd speed-up vs ref |")
+    print("|---|---:|---:|---:|---:|")
+    for backend in backends:
+        f, fb = med[backend, False], med[backend, True]
+        up, up_b = med["ref", False] / f, med["ref", True] / fb
+        print(f"| {backend} | {f:,.1f} | {fb:,.1f} | {up:.1f}× | {up_b:.1f}× |")
+
+
 def _spawn(args: list[str], threads: int, extra_env: dict | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads), **(extra_env or {}))
     env.pop("QMAMBAIR_SCAN", None)
@@ -138,7 +182,12 @@ def main() -> None:
     p.add_argument("--large", action="store_true", help="also the 512x512 light x2 forward (cpu, chunked)")
     p.add_argument("--worker", nargs=2, metavar=("BACKEND", "SHAPE"), help=argparse.SUPPRESS)
     p.add_argument("--fwd-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--interleaved", action="store_true", help="one-process side-by-side timing (see above)")
+    p.add_argument("--shape", choices=tuple(SHAPES), default="light", help="shape for --interleaved")
     a = p.parse_args()
+    if a.interleaved:
+        interleaved(a.shape, a.repeats, a.threads)
+        return
     if a.worker:
         print(json.dumps(worker(a.worker[0], a.worker[1], a.repeats, a.threads, a.fwd_only)))
         return

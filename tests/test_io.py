@@ -15,6 +15,7 @@ from qmambair.data import (
     builtin_images,
     image_info,
     list_builtin,
+    png16,
     read_image,
     rgb_to_gray,
     write_image,
@@ -99,7 +100,7 @@ def test_16bit_grey_alpha_png(tmp_path):
 def test_16bit_fallback_warns_and_keeps_8_bits(tmp_path, monkeypatch):
     u16 = np.random.default_rng(9).integers(0, 65536, (4, 5, 3), dtype=np.uint16)
     p = write_image(tmp_path / "c.png", u16, bits=16)
-    monkeypatch.setitem(qio._LOW_BYTE_RAWMODE, "RGB;16B", "no-such-rawmode")
+    monkeypatch.setitem(png16._LOW_BYTE_RAWMODE, "RGB;16B", "no-such-rawmode")
     with pytest.warns(UserWarning, match="8-bit precision"):
         img = read_image(p)
     np.testing.assert_allclose(img, (u16 >> 8) / 255, atol=1e-7)

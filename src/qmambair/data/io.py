@@ -5,24 +5,23 @@ depth, channel layout, alpha, palettes and EXIF orientation are handled in one p
 
 - 8-bit data is divided by 255 and 16-bit data by 65535, so a 16-bit PNG keeps its full precision (Pillow
   itself can only hold 16-bit *grey*; 16-bit colour and grey+alpha samples are recovered here from Pillow's
-  own decoder, see :func:`_read_16bit`).
+  own decoder, see :func:`qmambair.data.png16.read_16bit`).
 - ``mode`` picks the channels: ``"rgb"`` (3, grey is replicated), ``"gray"`` (1, luma 0.299 R + 0.587 G +
   0.114 B like Pillow's ``"L"``, not rounded) or ``"keep"`` (1 or 3, as stored; palettes become RGB).
 - Alpha is not part of the restoration problem: with ``alpha="drop"`` it is discarded (with a warning when it
   is not fully opaque; colours are *not* composited onto a background); ``alpha="keep"`` returns it apart.
 - Problems with the input raise :class:`ImageReadError` naming the file and saying what to do.
 
-Writes are atomic (temporary file in the target folder, then ``os.replace``), so an interrupted run never
-leaves a half-written image, and paths listed in ``protect`` (such as the inputs) are never replaced.
+Writes are atomic (``qmambair.fileio.atomic_path``: temporary file in the target folder, then rename), so
+an interrupted run never leaves a half-written image, and paths listed in ``protect`` (such as the inputs)
+are never replaced.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import secrets
 import struct
-import sys
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
@@ -34,6 +33,9 @@ from typing import Literal, overload
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from ..fileio import atomic_path
+from .png16 import needs_16bit_read, png16_bytes, read_16bit, tile_rawmode
 
 __all__ = [
     "ImageReadError",
@@ -70,16 +72,6 @@ _ORIENT_OPS = {
     6: lambda a: np.rot90(a, -1),
     7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
     8: lambda a: np.rot90(a, 1),
-}
-
-# Pillow decodes 16-bit colour samples to their high byte; decoding again with the opposite byte order
-# yields the low byte. Maps each rawmode Pillow uses for 16-bit RGB(A) to its byte-swapped twin.
-_NATIVE = "L" if sys.byteorder == "little" else "B"
-_OTHER = "B" if _NATIVE == "L" else "L"
-_LOW_BYTE_RAWMODE = {
-    f"{base};16{order}": f"{base};16{swap}"
-    for base in ("RGB", "RGBA")
-    for order, swap in (("B", "L"), ("L", "B"), ("N", _OTHER))
 }
 
 # Formats whose files keep an alpha channel (Pillow writes BMP alpha but reads it back without).
@@ -176,50 +168,6 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def _rawmode(args: object) -> str | None:
-    """The rawmode in a Pillow tile's decoder arguments (a string, or the first item of a tuple)."""
-    if isinstance(args, str):
-        return args
-    if isinstance(args, tuple) and args and isinstance(args[0], str):
-        return args[0]
-    return None
-
-
-def _with_rawmode(tile: tuple, rawmode: str) -> tuple:
-    """A copy of a Pillow tile whose decoder writes ``rawmode`` instead."""
-    args = tile[3]
-    new_args = rawmode if isinstance(args, str) else (rawmode, *args[1:])
-    fields = (tile[0], tile[1], tile[2], new_args)
-    return tile._replace(args=new_args) if hasattr(tile, "_replace") else fields
-
-
-def _read_16bit(p: Path, high: np.ndarray, rawmode: str) -> tuple[np.ndarray, str]:
-    """Full 16-bit samples of a PNG/TIFF that Pillow decoded to 8 bits (``high``, the upper bytes).
-
-    Pillow's decoder does the PNG un-filtering and TIFF decompression; only its final unpacking step drops
-    the low bytes. For colour, the decoder is run once more with the byte order swapped, which makes it emit
-    the lower byte of every sample. For grey+alpha (4 bytes a pixel, decoded into RGBA) it is run once with
-    the plain "RGBA" unpacker, which keeps all four bytes. If that fails, the 8-bit result is kept and a
-    warning says so. Returns the uint16 HWC array and its layout.
-    """
-    grey_alpha = rawmode == "LA;16B"
-    try:
-        with Image.open(p) as im:
-            new = "RGBA" if grey_alpha else _LOW_BYTE_RAWMODE[rawmode]
-            im.tile = [_with_rawmode(t, new) for t in im.tile]
-            raw = np.asarray(im)
-        if raw.shape != high.shape or raw.dtype != np.uint8:
-            raise ValueError(f"second decoding pass gave {raw.shape} {raw.dtype}")
-    except Exception as exc:  # any failure here only costs precision, never correctness
-        warnings.warn(f"{p}: 16-bit samples read at 8-bit precision ({exc})", stacklevel=4)
-        wide = high.astype(np.uint16) * 257
-        return (wide[:, :, [0, 3]], "LA") if grey_alpha else (wide, "RGBA" if high.shape[2] == 4 else "RGB")
-    if grey_alpha:
-        b = raw.astype(np.uint16)
-        return np.stack([(b[..., 0] << 8) | b[..., 1], (b[..., 2] << 8) | b[..., 3]], axis=2), "LA"
-    return (high.astype(np.uint16) << 8) | raw, "RGBA" if high.shape[2] == 4 else "RGB"
-
-
 def _decode(im: Image.Image, p: Path, rawmode: str | None) -> tuple[np.ndarray, float, str]:
     """Pixels as an HWC array, the value of full intensity, and the layout ("L", "LA", "RGB" or "RGBA").
 
@@ -246,8 +194,8 @@ def _decode(im: Image.Image, p: Path, rawmode: str | None) -> tuple[np.ndarray, 
     arr = np.asarray(im)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if im.mode in ("RGB", "RGBA") and (rawmode in _LOW_BYTE_RAWMODE or rawmode == "LA;16B"):
-        wide, layout = _read_16bit(p, arr, rawmode)
+    if im.mode in ("RGB", "RGBA") and needs_16bit_read(rawmode):
+        wide, layout = read_16bit(p, arr, rawmode)
         return wide, 65535.0, layout
     return arr, 255.0, im.mode
 
@@ -287,7 +235,7 @@ def read_image(
         raise ValueError(f"read_image: alpha must be 'drop' or 'keep', got {alpha!r}")
     p = Path(path)
     with _opened(p) as im:
-        rawmode = _rawmode(im.tile[0][3]) if im.tile else None  # before anything loads the pixels
+        rawmode = tile_rawmode(im.tile[0][3]) if im.tile else None  # before anything loads the pixels
         orientation = _orientation(im)
         pixels, full, layout = _decode(im, p, rawmode)
 
@@ -337,7 +285,7 @@ def image_info(path: StrPath) -> ImageInfo:
     """
     p = Path(path)
     with _opened(p) as im:
-        rawmode = (_rawmode(im.tile[0][3]) if im.tile else None) or ""
+        rawmode = (tile_rawmode(im.tile[0][3]) if im.tile else None) or ""
         mode, fmt, (w, h) = im.mode, im.format, im.size
         has_transparency = "transparency" in im.info
         orientation = _orientation(im)
@@ -395,46 +343,13 @@ def _quantise(arr: np.ndarray, bits: int) -> np.ndarray:
     )
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
-def _png16_bytes(a: np.ndarray) -> bytes:
-    """Encode a uint16 HWC array (grey, grey+alpha, RGB, RGBA) as 16-bit PNG, which Pillow cannot write."""
-    h, w, c = a.shape
-    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    raw = np.ascontiguousarray(a, dtype=">u2").view(np.uint8).reshape(h, w * c * 2).astype(np.int16)
-    bpp = 2 * c
-    left = np.zeros_like(raw)
-    left[:, bpp:] = raw[:, :-bpp]
-    up = np.zeros_like(raw)
-    up[1:] = raw[:-1]
-    upleft = np.zeros_like(raw)
-    upleft[:, bpp:] = up[:, :-bpp]
-    pa = np.abs(up - upleft)  # |p - left| with p = left + up - upleft
-    pb = np.abs(left - upleft)
-    pc = np.abs(left + up - 2 * upleft)
-    pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
-    rows = np.empty((h, 1 + raw.shape[1]), dtype=np.uint8)
-    rows[:, 0] = 4  # Paeth
-    rows[:, 1:] = ((raw - pred) & 0xFF).astype(np.uint8)
-    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-        + _png_chunk(b"IEND", b"")
-    )
-
-
 def _encode(arr: np.ndarray, fmt: str, bits: int, quality: int) -> bytes:
     """File bytes for a uint8/uint16 HWC array in the given Pillow format."""
     channels = arr.shape[2]
     if channels in (2, 4) and fmt not in _ALPHA_FORMATS:
         raise ValueError(f"write_image: {fmt} cannot keep an alpha channel; drop it or write a .png instead")
     if bits == 16:
-        return _png16_bytes(arr)
+        return png16_bytes(arr)
     pil = Image.fromarray(arr[:, :, 0] if channels == 1 else arr)
     options: dict[str, object] = {}
     if fmt == "JPEG":
@@ -503,16 +418,6 @@ def write_image(
         raise FileExistsError(f"write_image: '{p}' exists; pass overwrite=True or choose another path")
 
     data = _encode(_quantise(_as_hwc(img), bits), fmt, bits, quality)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like a normal file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(p) as tmp:
+        tmp.write_bytes(data)
     return p

@@ -71,6 +71,7 @@ class BenchmarkSpec:
     threads: int = 0  # 0: library default
     device: str = "auto"
     model: dict[str, Any] = field(default_factory=dict)  # build_model overrides for the float model
+    interp_init: bool = True  # the float run starts as bicubic-like upsampling (qmambair.models.init)
     ablation: bool = False
     ablation_bits: list[int] = field(default_factory=list)  # []: every entry of bits
     calib_patches: int = 32  # PTQ calibration set: the first training patches
@@ -152,7 +153,11 @@ def _train_config(spec: BenchmarkSpec, run: _Run, run_dir: Path, fp_model: Path)
 
     data = spec.data if spec.data in ("", "builtin") else str(Path(spec.data).resolve())
     iters = spec.iters if run.quant else spec.fp_iters
-    extra = {"quant": run.quant, "init": str(fp_model)} if run.quant else {"model": spec.model}
+    extra = (
+        {"quant": run.quant, "init": str(fp_model)}
+        if run.quant
+        else {"model": spec.model, "interp_init": spec.interp_init}
+    )
     return make_config(
         None,
         [],
@@ -176,7 +181,8 @@ def _events(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
 
 
-_SAME = ("preset", "model", "quant", "data", "iters", "batch", "patch", "seed", "lr", "degradation")
+_SAME = ("preset", "model", "quant", "data", "iters", "batch", "patch", "seed", "lr", "degradation",
+         "interp_init")
 
 
 def _train(run: _Run, cfg: Any, progress: bool, say: Callable[[str], None]) -> None:

@@ -31,6 +31,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # build_model keyword overrides
     degradation: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's degradation
     init: str = ""  # start from these weights (any file load_model reads); QAT: the float model
+    interp_init: bool = False  # from scratch: start as bicubic-like upsampling (qmambair.models.init)
     quant: dict[str, Any] = field(default_factory=dict)  # QuantConfig keywords; empty = full precision
     data: str = "builtin"  # image folder, or "builtin" (the fetched photo pool's train split)
     val_data: str = ""  # "": builtin test split / held-out part of `data`; a folder; or "none"

@@ -235,6 +235,10 @@ class Trainer:
             from ..models import build_model
 
             model = build_model(cfg.preset, **cfg.model)
+            if cfg.interp_init:
+                from ..models.init import init_as_interpolation
+
+                init_as_interpolation(model)
         if cfg.quant:
             from ..quant import QuantConfig, quantize_model
 
