@@ -67,6 +67,8 @@ def write_card(
     first = torch.load(runs[0] / "last.pt", map_location="cpu", weights_only=False)["config"]
     init = Path(first["init"]) if first["init"] else None
     start = f"{init.parent.name}/{init.name}" if init else "random init"
+    if first.get("interp_init"):
+        start += " as bicubic-like upsampling (qmambair.models.init)"
     kind = f"{quant['method']} W{quant['bits']}A{quant['bits']} (QAT)" if quant else "full precision"
     lines = [
         f"# {name}",
@@ -143,7 +145,8 @@ def main() -> None:
     fp_dirs: list[Path] = []
     for stage, iters in enumerate(int(n) for n in args.fp_iters.split(",")):
         fp_dir = Path(args.runs) / f"light-x{args.scale}-fp{'' if stage == 0 else stage + 1}"
-        init = {"init": str(fp_dirs[-1] / "model.safetensors")} if fp_dirs else {}
+        # stage 1 starts as bicubic-like upsampling (qmambair.models.init), later stages from the last weights
+        init = {"init": str(fp_dirs[-1] / "model.safetensors")} if fp_dirs else {"interp_init": True}
         cfg = run(fp_dir, iters=iters, val_every=max(iters // 4, 1), save_every=50, **init, **common)
         fp_dirs.append(fp_dir)
     fp_file = WEIGHTS / f"{preset}-fp.safetensors"
