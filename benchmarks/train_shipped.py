@@ -64,11 +64,12 @@ def write_card(
     if len(runs) > 1:
         staged = f" ({' + '.join(str(t[1]) for t in times)}: stages restarting the schedule)"
     quant = cfg.get("quant") or {}
+    cpu = describe_machine(cfg.get("device")).split(",")[0]
     first = torch.load(runs[0] / "last.pt", map_location="cpu", weights_only=False)["config"]
     init = Path(first["init"]) if first["init"] else None
     start = f"{init.parent.name}/{init.name}" if init else "random init"
     if first.get("interp_init"):
-        start += " as bicubic-like upsampling (qmambair.models.init)"
+        start += ", set to start as bicubic-like upsampling (qmambair.models.init)"
     kind = f"{quant['method']} W{quant['bits']}A{quant['bits']} (QAT)" if quant else "full precision"
     lines = [
         f"# {name}",
@@ -84,7 +85,8 @@ def write_card(
         f"| budget | {step} iterations{staged}, batch {cfg['batch']}, Adam lr {cfg['lr']:g}, MultiStepLR at "
         f"{'/'.join(f'{m:g}' for m in cfg['milestones'])} of the run, L1 |",
         f"| starts from | {start} |",
-        f"| machine | {describe_machine(cfg.get('device'))} |",
+        f"| machine | {cpu}; {cfg['threads'] or 'default'} torch thread(s) per run (the x2 and x4 chains ran "
+        "side by side on 2 cores) |",
         f"| wall time | {seconds / 60:.1f} min |",
         f"| test PSNR / SSIM | {val['psnr']:.3f} dB / {val['ssim']:.4f} (bicubic {val['psnr_base']:.3f} dB / "
         f"{val['ssim_base']:.4f}) on {val['n']} test-split photos, centre crops of {cfg['val_crop']} px, "
@@ -158,7 +160,7 @@ def main() -> None:
         cfg = run(
             qdir,
             iters=args.qat_iters,
-            val_every=max(args.qat_iters // 2, 1),
+            val_every=args.qat_iters,
             save_every=25,
             init=str(fp_dir / "model.safetensors"),
             quant={"method": method, "bits": bits},

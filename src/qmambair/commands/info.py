@@ -10,6 +10,7 @@ from torch import nn
 
 from ..eval.complexity import count_macs
 from ..models.checkpoint import load_model
+from ..models.shipped import shipped_path
 
 REFERENCE_OUTPUT = (720, 1280)  # MACs are usually quoted for a 1280x720 output
 
@@ -79,10 +80,11 @@ def run_info(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     info = model_info(model, args.size)
     packed = None
-    if str(args.model).lower().endswith(".qmb"):
+    source = shipped_path(args.model) or args.model  # a shipped model's name, or a file
+    if str(source).lower().endswith(".qmb"):
         from .export import format_packed_info, packed_info
 
-        packed = packed_info(args.model)
+        packed = packed_info(source)
         info["packed"] = {k: v for k, v in packed.items() if k not in ("config", "quant_config")}
     if args.json:
         print(json.dumps({"model": args.model, **info}, indent=2, default=str))

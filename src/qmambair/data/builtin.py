@@ -64,7 +64,7 @@ def _require(module: str, package: str) -> ModuleType:
     except ImportError as exc:
         raise ImportError(
             f"built-in test images need the '{package}' package: pip install {package} "
-            "(or install qmambair with its [test] extra)"
+            "(or install qmambair with its [images] extra)"
         ) from exc
 
 

@@ -42,7 +42,9 @@ def describe_machine(device: str | None = None) -> str:
         )
     except (OSError, StopIteration):
         pass
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     gpu = f"; GPU {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else "; no GPU"
     return f"CPU {cpu}, {torch.get_num_threads()} torch thread(s){gpu}; torch {torch.__version__}"
 
