@@ -3,6 +3,9 @@
     qmambair data fetch                                    # once: the photo pool
     python benchmarks/train_shipped.py --scale 4           # float, then Q-MambaIR and LSQ at W4A4 and W2A2
     python benchmarks/train_shipped.py --scale 2 --fp-iters 1000 --qat-iters 250
+    python benchmarks/train_shipped.py --scale 4 --ablation-bits 2   # also the component ablation at W2A2
+    python benchmarks/train_shipped.py --scale 4 --fp-weights src/qmambair/weights/light-sr-x4-fp.safetensors
+                                                           # QAT only, from the shipped float model
 
 Every run lives in ``runs/shipped/light-x<s>-<fp|method-wbab>`` and resumes from its ``last.pt`` when the
 script is started again (kill it at any moment). Finished runs are skipped. At the end of each run the model
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from qmambair.eval.benchmark import ABLATION
 from qmambair.eval.report import describe_machine
 from qmambair.models.checkpoint import load_model
 from qmambair.quant.pack import export_packed
@@ -53,9 +57,7 @@ def last_validation(log: Path) -> dict[str, Any]:
     return vals[-1]
 
 
-def write_card(
-    name: str, weight_file: Path, runs: list[Path], cfg: dict[str, Any], extra: str = ""
-) -> None:
+def write_card(name: str, weight_file: Path, runs: list[Path], cfg: dict[str, Any], extra: str = "") -> None:
     """Model card of the model trained by ``runs`` (stages, each starting from the previous one's weights)."""
     val = last_validation(runs[-1] / "log.jsonl")
     times = [run_times(run / "log.jsonl") for run in runs]
@@ -102,6 +104,30 @@ def write_card(
     weight_file.with_suffix(".md").write_text("\n".join(lines))
 
 
+def sigma_run_name(scale: int, bits: int, sigma_init: float) -> str:
+    return f"light-x{scale}-qmambair-sigma{sigma_init:g}-w{bits}a{bits}"
+
+
+def ablation_table(runs: Path, scale: int, bits: int, sigma_init: float = 0.0) -> str:
+    """Markdown table of the component ablation at ``bits`` (last validation of each run, LSQ too)."""
+    tag = f"w{bits}a{bits}"
+    rows = [(label, f"light-x{scale}-ablation-{key}-{tag}") for key, (label, _, _) in ABLATION.items()]
+    rows.append(("Q-MambaIR (DLS + RFA)", f"light-x{scale}-qmambair-{tag}"))
+    if sigma_init:
+        rows.append(
+            (f"Q-MambaIR, DLS step init {sigma_init:g}σ (paper: 3σ)", sigma_run_name(scale, bits, sigma_init))
+        )
+    rows.append(("LSQ (reference)", f"light-x{scale}-lsq-{tag}"))
+    lines = [f"| ×{scale} W{bits}A{bits} | PSNR (dB) | SSIM | QAT wall time (min) |", "|---|---|---|---|"]
+    for label, name in rows:
+        log = runs / name / "log.jsonl"
+        val = last_validation(log)
+        lines.append(f"| {label} | {val['psnr']:.3f} | {val['ssim']:.4f} | {run_times(log)[0] / 60:.1f} |")
+    base = last_validation(runs / rows[0][1] / "log.jsonl")
+    lines.append(f"| bicubic | {base['psnr_base']:.3f} | {base['ssim_base']:.4f} | |")
+    return "\n".join(lines) + "\n"
+
+
 def run(out: Path, **options: Any) -> dict[str, Any]:
     """Train (or resume, or skip when finished) one run; returns its stored config."""
     config = make_config(None, [], out=str(out), **options)
@@ -118,15 +144,37 @@ def run(out: Path, **options: Any) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", type=int, choices=(2, 3, 4), required=True)
-    p.add_argument("--fp-iters", default="2000",
-                   help="float training stages, e.g. 2000,2500: each stage starts from the previous one's "
-                   "weights with a fresh schedule (lets a finished model train longer)")
+    p.add_argument(
+        "--fp-iters",
+        default="2000",
+        help="float training stages, e.g. 2000,2500: each stage starts from the previous one's "
+        "weights with a fresh schedule (lets a finished model train longer)",
+    )
+    p.add_argument(
+        "--fp-weights",
+        default="",
+        help="start QAT from this float model (e.g. the shipped one) instead of training one "
+        "(its card is kept)",
+    )
     p.add_argument("--qat-iters", type=int, default=500)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--patch", type=int, default=0, help="HR patch (default: 16 x scale)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", default="runs/shipped")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--ablation-bits",
+        default="",
+        help="bit-widths (e.g. 2 or 4,2) at which to also run the component ablation (Act_Quant + "
+        "LSQ weights, +DLS, +RFA) under the same budget; the table goes to RUNS/ablation-x<s>.md",
+    )
+    p.add_argument(
+        "--ablation-sigma-init",
+        type=float,
+        default=0.0,
+        help="also run Q-MambaIR with this DLS step init (quant.dls_sigma_init; the paper's is 3) in the "
+        "ablation, e.g. 1.0 (not shipped)",
+    )
     args = p.parse_args()
     patch = args.patch or 16 * args.scale
     preset = f"light-sr-x{args.scale}"
@@ -144,28 +192,27 @@ def main() -> None:
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    fp_dirs: list[Path] = []
-    for stage, iters in enumerate(int(n) for n in args.fp_iters.split(",")):
-        fp_dir = Path(args.runs) / f"light-x{args.scale}-fp{'' if stage == 0 else stage + 1}"
-        # stage 1 starts as bicubic-like upsampling (qmambair.models.init), later stages from the last weights
-        init = {"init": str(fp_dirs[-1] / "model.safetensors")} if fp_dirs else {"interp_init": True}
-        cfg = run(fp_dir, iters=iters, val_every=max(iters // 4, 1), save_every=50, **init, **common)
-        fp_dirs.append(fp_dir)
-    fp_file = WEIGHTS / f"{preset}-fp.safetensors"
-    shutil.copyfile(fp_dir / "model.safetensors", fp_file)
-    write_card(fp_file.stem, fp_file, fp_dirs, cfg)
+    if args.fp_weights:
+        fp_model = Path(args.fp_weights)
+        if not fp_model.is_file():
+            raise SystemExit(f"--fp-weights: no such file {fp_model}")
+    else:
+        fp_dirs: list[Path] = []
+        for stage, iters in enumerate(int(n) for n in args.fp_iters.split(",")):
+            fp_dir = Path(args.runs) / f"light-x{args.scale}-fp{'' if stage == 0 else stage + 1}"
+            # stage 1 starts as bicubic-like upsampling (qmambair.models.init); later from the previous stage
+            init = {"init": str(fp_dirs[-1] / "model.safetensors")} if fp_dirs else {"interp_init": True}
+            cfg = run(fp_dir, iters=iters, val_every=max(iters // 4, 1), save_every=50, **init, **common)
+            fp_dirs.append(fp_dir)
+        fp_model = fp_dir / "model.safetensors"
+        shutil.copyfile(fp_model, WEIGHTS / f"{preset}-fp.safetensors")
+        write_card(f"{preset}-fp", WEIGHTS / f"{preset}-fp.safetensors", fp_dirs, cfg)
+    fp_size = fp_model.stat().st_size
+    qat = dict(iters=args.qat_iters, val_every=args.qat_iters, save_every=25, init=str(fp_model), **common)
 
     for method, bits in QAT_RUNS:
         qdir = Path(args.runs) / f"light-x{args.scale}-{method}-w{bits}a{bits}"
-        cfg = run(
-            qdir,
-            iters=args.qat_iters,
-            val_every=args.qat_iters,
-            save_every=25,
-            init=str(fp_dir / "model.safetensors"),
-            quant={"method": method, "bits": bits},
-            **common,
-        )
+        cfg = run(qdir, quant={"method": method, "bits": bits}, **qat)
         qfile = WEIGHTS / f"{preset}-{method}-w{bits}a{bits}.qmb"
         export_packed(load_model(qdir / "last.pt").eval(), qfile)
         write_card(
@@ -173,9 +220,29 @@ def main() -> None:
             qfile,
             [qdir],
             cfg,
-            extra=f"Packed: {bits}-bit weight codes; {qfile.stat().st_size / fp_file.stat().st_size:.3f}× "
-            f"the float32 file.",
+            extra=f"Packed: {bits}-bit weight codes; {qfile.stat().st_size / fp_size:.3f}× the float32 file.",
         )
+    tables = []
+    for bits in (int(b) for b in args.ablation_bits.split(",") if b):
+        for key, (_, use_dls, use_rfa) in ABLATION.items():
+            quant = {"method": "qmambair", "bits": bits, "use_dls": use_dls, "use_rfa": use_rfa}
+            run(Path(args.runs) / f"light-x{args.scale}-ablation-{key}-w{bits}a{bits}", quant=quant, **qat)
+        if args.ablation_sigma_init:
+            quant = {"method": "qmambair", "bits": bits, "dls_sigma_init": args.ablation_sigma_init}
+            run(
+                Path(args.runs) / sigma_run_name(args.scale, bits, args.ablation_sigma_init),
+                quant=quant,
+                **qat,
+            )
+        tables.append(ablation_table(Path(args.runs), args.scale, bits, args.ablation_sigma_init))
+    if tables:
+        table_file = Path(args.runs) / f"ablation-x{args.scale}.md"
+        table_file.write_text(
+            f"Component ablation, light ×{args.scale}, {args.qat_iters} QAT iterations each (batch "
+            f"{args.batch}, patch {patch}); pool test split, 256-px centre crops, Y, border {args.scale}.\n\n"
+            + "\n".join(tables)
+        )
+        print(table_file.read_text())
     print(f"all runs of x{args.scale} done ({(time.perf_counter() - started) / 60:.1f} min this session)")
 
 

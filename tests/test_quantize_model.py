@@ -260,3 +260,10 @@ def test_qmambair_quantizer_parameters_all_learn():
             assert module.initialized.item()
             for pname, p in module.named_parameters():
                 assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}.{pname}"
+
+
+def test_dls_sigma_init_reaches_every_dls_and_is_stored_in_the_config():
+    model = quantize_model(tiny(), QuantConfig(bits=2, dls_sigma_init=1.0))
+    dls = [q for q in model.modules() if isinstance(q, DLS)]
+    assert dls and all(q.w[1].item() == 1.0 for q in dls)
+    assert QuantConfig.from_dict(QuantConfig(bits=2, dls_sigma_init=1.0).to_dict()).dls_sigma_init == 1.0

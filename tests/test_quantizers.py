@@ -267,6 +267,29 @@ def test_dls_per_sample_does_not_depend_on_other_samples():
     assert not torch.equal(per_tensor(x[:1]), per_tensor(torch.cat([x[:1], other[1:]]))[:1])
 
 
+def test_dls_paper_init_at_two_bits_is_stuck_on_the_cap_and_sigma_init_frees_it():
+    # the paper's init starts a 2-bit step at 3σ > (M - m)/4 for a Gaussian: the step is the cap, and min()
+    # sends w no gradient; sigma_init=1 starts at ≈ σ, below the cap, with less error and a gradient into w
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(3))
+    cap = (x.max() - x.min()) / 4
+    errors = {}
+    for sigma_init in (3.0, 1.0):
+        q = DLS(2, sigma_init=sigma_init)
+        delta = q.step_and_offset(x)[0]
+        y = q(x)
+        (y - x).pow(2).mean().backward()
+        errors[sigma_init] = (y - x).pow(2).mean().item()
+        if sigma_init == 3.0:
+            assert delta.item() == pytest.approx(cap.item(), rel=1e-6)
+            assert q.w.grad.abs().sum().item() == 0
+        else:
+            assert delta.item() == pytest.approx(x.std().item(), rel=1e-3)
+            assert q.w.grad[1].abs().item() > 0
+    assert errors[1.0] < 0.5 * errors[3.0]
+    with pytest.raises(ValueError, match="sigma_init"):
+        DLS(2, sigma_init=0)
+
+
 def test_actquant_first_batch_init_and_sign():
     x = heavy()
     q = ActQuant(4).train()

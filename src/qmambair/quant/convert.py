@@ -71,6 +71,7 @@ class QuantConfig:
     use_dls: bool = True
     use_rfa: bool = True
     dls_per_sample: bool = False
+    dls_sigma_init: float = 3.0
     rfa_min_gap: float = 0.1
     skip: tuple[str, ...] = ()
 
@@ -122,7 +123,7 @@ def make_act_quantizer(config: QuantConfig, slot: str, spec: ActSpec) -> Quantiz
     b, m = config.a_bits, config.method
     if m == "qmambair":
         if slot == "dls" and config.use_dls:
-            return DLS(b, per_sample=config.dls_per_sample and spec.batched)
+            return DLS(b, per_sample=config.dls_per_sample and spec.batched, sigma_init=config.dls_sigma_init)
         return ActQuant(b)
     simple = {"lsq": LSQ, "lsq+": LSQPlus, "pams": PAMS, "dorefa": DoReFa, "n2uq": N2UQ,
               "minmax": MinMaxQuant, "percentile": PercentileQuant}

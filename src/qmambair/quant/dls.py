@@ -31,15 +31,22 @@ class DLS(Quantizer):
       neither the value nor the gradient of std at zero variance is NaN; a one-element group has σ = 0.
     ``per_sample=True`` computes every statistic per sample (over all dims but the first), so one image's
     quantization does not depend on the other images of the batch; the default is per tensor (paper).
+
+    ``sigma_init`` is the 3 of the paper's w init (1, 3, 0, 0)/(2^(b−1)−1). At b = 2 that starts the step at
+    3σ, above the (M − m)/4 cap for most tensors, so the step *is* the cap and w gets no gradient (see
+    ``benchmarks/quant_error.py``); ``sigma_init=1`` starts near the MSE-optimal 4-level step of a Gaussian
+    (≈ 1.0σ). An experiment switch, not the paper's recipe.
     """
 
     needs_init = False
 
-    def __init__(self, bits: int, per_sample: bool = False):
+    def __init__(self, bits: int, per_sample: bool = False, sigma_init: float = 3.0):
         super().__init__(bits, signed=True)
+        if not sigma_init > 0:
+            raise ValueError(f"DLS sigma_init must be > 0, got {sigma_init}")
         self.per_sample = bool(per_sample)
         self.v = nn.Parameter(torch.tensor([-1.0, 0.0, 0.0, 0.0]))
-        self.w = nn.Parameter(torch.tensor([1.0, 3.0, 0.0, 0.0]) / (2 ** (bits - 1) - 1))
+        self.w = nn.Parameter(torch.tensor([1.0, float(sigma_init), 0.0, 0.0]) / (2 ** (bits - 1) - 1))
 
     def _dims(self, x: torch.Tensor) -> tuple[int, ...]:
         if self.per_sample and x.dim() > 1:

@@ -86,7 +86,10 @@ def set_threads(n: int) -> None:
 
     On small shared machines, fewer threads than cores can be much faster: with 2 vCPUs and another busy
     process, 2 OpenMP threads made a training step 3-60x slower than 1 thread (spin-waiting for a descheduled
-    thread). ``torchrun`` already sets OMP_NUM_THREADS=1 per process.
+    thread). ``torchrun`` already sets OMP_NUM_THREADS=1 per process. For several single-thread trainings
+    side by side, also start each with ``OMP_NUM_THREADS=1`` in the environment: with only
+    ``set_threads(1)``, two QAT processes on 2 cores were seen with extra OpenMP threads spin-waiting
+    (20-26 s per step against 2 s with the variable set); the variable must be set before torch loads.
     """
     torch.set_num_threads(n)
     try:
