@@ -91,3 +91,12 @@ def test_info_reports_packed_file(capsys):
     assert "2-bit weight codes" in text and "220 tensors" in text
     ratio = float(text.split(" x the float32")[0].rsplit("= ", 1)[1])
     assert 0.1 < ratio <= 0.25
+
+
+def test_shipped_x4_models_beat_bicubic_and_w4a4_stays_near_float(tmp_path):
+    # the quality checks on two held-out built-in photographs (not in the training pool)
+    rows = run_demo(tmp_path, scales=[4], images=["astronaut", "chelsea"], crop=256, log=lambda _: None)
+    psnr = {r["model"]: float(r["psnr"]) for r in rows}
+    assert psnr["MambaIR (float)"] > psnr["bicubic"] + 0.3
+    assert psnr["Q-MambaIR W4A4"] > psnr["MambaIR (float)"] - 0.5
+    assert psnr["Q-MambaIR W2A2"] > psnr["bicubic"]
