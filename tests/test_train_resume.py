@@ -120,3 +120,16 @@ def test_qat_with_distillation_and_clipping(data, tmp_path):
     assert model.preset == "light-sr-x2" and model.config["embed_dim"] == 12
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(e["grad_norm"] >= 0 for e in events if e["event"] == "train")
+
+
+def test_set_threads_one_leaves_torch_at_one_thread_after_numba_starts():
+    # starting numba's OpenMP layer resets torch's thread count once torch has read it (the training CLI
+    # does): set_threads must survive that. A fresh process (numba not started), the machine's defaults.
+    code = (
+        "import torch; torch.get_num_threads(); "
+        "from qmambair.train.trainer import set_threads; set_threads(1); import numba; "
+        "print(torch.get_num_threads(), numba.get_num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"]

@@ -86,18 +86,20 @@ def set_threads(n: int) -> None:
 
     On small shared machines, fewer threads than cores can be much faster: with 2 vCPUs and another busy
     process, 2 OpenMP threads made a training step 3-60x slower than 1 thread (spin-waiting for a descheduled
-    thread). ``torchrun`` already sets OMP_NUM_THREADS=1 per process. For several single-thread trainings
-    side by side, also start each with ``OMP_NUM_THREADS=1`` in the environment: with only
-    ``set_threads(1)``, two QAT processes on 2 cores were seen with extra OpenMP threads spin-waiting
-    (20-26 s per step against 2 s with the variable set); the variable must be set before torch loads.
+    thread). ``torchrun`` already sets OMP_NUM_THREADS=1 per process.
+
+    numba goes first: once torch has read its thread count, starting numba's OpenMP threading layer (which
+    ``numba.set_num_threads`` does) resets torch's intra-op count to the number of cores, so setting torch
+    first silently gave 2 threads instead of 1 (two such trainings side by side on 2 cores ran 5-10x
+    slower per step).
     """
-    torch.set_num_threads(n)
     try:
         import numba
 
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
     except ImportError:
         pass
+    torch.set_num_threads(n)
 
 
 def _seed_all(seed: int) -> None:
