@@ -1,9 +1,10 @@
 """Baseline quantizers against their papers' definitions, worked by hand on tensors of a few elements.
 
-Each test restates the rule (docs/method.md, baselines section) in its docstring, and the expected numbers are
-computed in the test with plain Python arithmetic (``math``), never by calling the quantizer under test.
-Inputs are chosen away from rounding ties, so float32 rounding cannot move a code. ``grad(v)`` below is the
-gradient of ``sum(c * q(x))`` for a weight vector ``c`` (distinct weights, so every element's share is seen).
+Each test restates the rule (docs/method.md §3.5 QAT baselines, §3.6 post-training quantizers) in its
+docstring; the expected numbers are computed in the test with plain Python arithmetic (``math``), never by
+calling the quantizer under test. Inputs are chosen away from rounding ties, so float32 rounding cannot move
+a code. Gradients are those of ``sum(c * q(x))`` for a vector ``c`` of distinct weights, so every element's
+share is seen.
 
 Notation: b bits; signed grid Qn = -2^(b-1), Qp = 2^(b-1) - 1; unsigned grid Qn = 0, Qp = 2^b - 1; LSQ's
 gradient scale g = 1/sqrt(numel * Qp) multiplies the step's gradient wherever a step is learned.
