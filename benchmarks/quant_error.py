@@ -4,8 +4,9 @@
 
 Each model (run folder, checkpoint or .qmb) restores one built-in test image (a centre crop); a hook on every
 quantizer records SQNR = 10·log10(Σx² / Σ(x̂ − x)²) of its input, and for DLS whether its step sits on the
-(M − m)/2^b cap (then w gets no gradient, method.md §2). The table shows, per place (blocks, groups merged),
-the median SQNR in dB and, for DLS, the share of calls on the cap. Higher SQNR = less quantization noise.
+(M − m)/2^b cap (then w gets no gradient, docs/method.md §3.3). The table shows, per place (blocks,
+groups merged), the median SQNR in dB and, for DLS, the share of calls on the cap. Higher SQNR = less
+quantization noise.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 
 The training part is exactly ``qmambair train --config quick-cpu --out OUT`` (same library call). The test
 images are the pool's test split, whole, run with MambaIR's test-time tiling (threshold 200 LR pixels);
-metrics follow method.md §4 (Y channel, border crop = scale). Bicubic upsampling is the floor.
+metrics follow docs/evaluation.md §2 (Y channel, border crop = scale). Bicubic upsampling is the floor.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def test_parameter_counts():
 
 
 def official_light_x4_shapes() -> dict[str, tuple[int, ...]]:
-    """The state-dict list of docs/method.md §1, written out by hand."""
+    """The state-dict list of docs/method.md §1.5, written out by hand."""
     shapes: dict[str, tuple[int, ...]] = {
         "conv_first.weight": (60, 3, 3, 3), "conv_first.bias": (60,),
         "patch_embed.norm.weight": (60,), "patch_embed.norm.bias": (60,),

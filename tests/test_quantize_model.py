@@ -1,4 +1,4 @@
-"""quantize_model on MambaIR: method.md §2's places, loading, save/load, calibration, a QAT smoke run."""
+"""quantize_model: the places of docs/method.md §4.1, loading, save/load, calibration, a QAT smoke run."""
 
 from __future__ import annotations
 

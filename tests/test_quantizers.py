@@ -1,4 +1,4 @@
-"""Quantizers on their own: the math of method.md §2 (RFA, DLS, Act_Quant) and the baselines' invariants."""
+"""Quantizers on their own: the math of docs/method.md §3 (RFA, DLS, Act_Quant) and the baselines' rules."""
 
 from __future__ import annotations
 

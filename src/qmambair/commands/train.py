@@ -123,7 +123,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a full-precision MambaIR",
         description="Train a MambaIR network in full precision (L1, Adam 2e-4, MultiStepLR, flips/rotations; "
-        "method.md §3). Writes RUN_DIR/log.jsonl, last.pt, best.pt and model.safetensors. "
+        "docs/method.md §5.1). Writes RUN_DIR/log.jsonl, last.pt, best.pt and model.safetensors. "
         "Multi-process: torchrun --nproc_per_node N -m qmambair train ...")
     p.add_argument("--preset", help="model preset, e.g. light-sr-x4 (default), denoise-color-s25")
     _add_common(p)
@@ -134,7 +134,7 @@ def add_qat_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``qmambair qat``."""
     p = sub.add_parser(
         "qat", help="quantization-aware training from a float checkpoint",
-        description="Quantize a full-precision model (method.md §2 places) and train it: quantizers "
+        description="Quantize a full-precision model (docs/method.md §4.1 places) and train it: quantizers "
         "initialise on the first batch (broadcast from rank 0 under torchrun). Data and schedule options are "
         "those of train.")
     p.add_argument("--from", dest="from_", metavar="CKPT",

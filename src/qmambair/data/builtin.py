@@ -1,8 +1,8 @@
 """Real photographs that ship inside Python wheels, for tests and quick evaluation without any download.
 
-Only images bundled in the scikit-image and PyWavelets wheels are listed (data.md); ``skimage.data`` entries
-that would be fetched through pooch are deliberately left out. PyWavelets' ``camera`` is the same picture as
-scikit-image's and is not repeated.
+Only images bundled in the scikit-image and PyWavelets wheels are listed (docs/evaluation.md §5.1);
+``skimage.data`` entries that would be fetched through pooch are deliberately left out. PyWavelets'
+``camera`` is the same picture as scikit-image's and is not repeated.
 """
 
 from __future__ import annotations

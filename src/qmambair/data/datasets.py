@@ -1,6 +1,6 @@
 """Training and validation data: image folders, degradations, random patches and a fixed validation split.
 
-Layouts (docs/data.md): a benchmark pack ``Set5/HR`` + ``Set5/LR_bicubic/X4/<stem>x4.png``; DIV2K
+Layouts (docs/evaluation.md §5.3): a benchmark pack ``Set5/HR`` + ``Set5/LR_bicubic/X4/<stem>x4.png``; DIV2K
 ``DIV2K_train_HR/`` + ``DIV2K_train_LR_bicubic/X4/<stem>x4.png`` (pass the parent or the HR folder); or any
 folder of HR images (searched recursively), whose LR is made with MATLAB bicubic after modcrop.
 

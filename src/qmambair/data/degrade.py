@@ -1,4 +1,6 @@
-"""Degradations that turn a clean image into a network input, matching the benchmark protocols (method.md §4).
+"""Degradations that turn a clean image into a network input, as the benchmark protocols define them.
+
+Protocol: docs/evaluation.md §1.
 
 - Super-resolution: :func:`bicubic_lr` = modcrop, MATLAB bicubic down on float64, rounded to 8-bit levels.
 - Denoising: :func:`add_gaussian_noise` = N(0, sigma/255) from a generator seeded per image, not clipped.

@@ -1,9 +1,9 @@
 """MATLAB-compatible bicubic ``imresize`` for numpy arrays and torch tensors.
 
 Super-resolution benchmarks define their low-resolution inputs as MATLAB's ``imresize(HR, 1/s, 'bicubic')``
-(method.md §4). OpenCV's and torch's bicubic are different functions, so this module reproduces MATLAB's:
-the cubic kernel with a = -0.5, the kernel widened by 1/scale when shrinking (antialiasing), MATLAB's
-output size ``ceil(scale * size)``, its sample positions and weight normalisation, symmetric boundary
+(docs/evaluation.md §1.1). OpenCV's and torch's bicubic are different functions, so this module reproduces
+MATLAB's: the cubic kernel with a = -0.5, the kernel widened by 1/scale when shrinking (antialiasing),
+MATLAB's output size ``ceil(scale * size)``, its sample positions and weight normalisation, symmetric boundary
 handling (edge pixels repeated: ``[c b a | a b c d | d c b]``), and float64 arithmetic throughout.
 
 The weights and source indices for one axis are computed once (:func:`_contributions`, cached) and applied

@@ -1,4 +1,6 @@
-"""The built-in photo pool (docs/data.md): 47 real photographs from six Debian packages, as clean PNG.
+"""The built-in photo pool: 47 real photographs from six Debian packages, as clean PNG.
+
+Sources and licences: docs/evaluation.md §5.2.
 
 ``fetch_photos()`` (``qmambair data fetch``) does, once:
 
@@ -87,7 +89,7 @@ _LOMIRI16 = {
     "friends_by_Aitzol_Berasategi": _BY, "greentock_by_Peter_Nerlich": _SA,
     "life_by_Aitzol_Berasategi": _BY, "picosdeeuropa_by_Aitzol_Berasategi": _BY,
     "seeding_by_Clements_Engelhardt": "CC0-1.0", "sunset_by_Aitzol_Berasategi": _BY,
-}  # umang_* is digital art, left out (data.md)
+}  # umang_* is digital art, left out (docs/evaluation.md §5.2)
 _MATE = ("Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
          "TwoWings", "Wood", "YellowFlower")
 _PLASMA = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",

@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, filled in order from its defaults (the paper's recipe,
-method.md §3), the model preset's ``train`` section (batch, HR patch), an optional YAML file, command-line
-flags and finally ``--set key=value`` overrides (``model.embed_dim=30``, ``quant.bits=2``,
+docs/method.md §5.1), the model preset's ``train`` section (batch, HR patch), an optional YAML file,
+command-line flags and finally ``--set key=value`` overrides (``model.embed_dim=30``, ``quant.bits=2``,
 ``degradation.sigma=50``).
 
 A YAML file holds the same keys, at the top level or under a ``training:`` section. Examples ship in

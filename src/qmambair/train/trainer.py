@@ -1,4 +1,4 @@
-"""One training loop for full precision and QAT (method.md §3).
+"""One training loop for full precision and QAT (docs/method.md §5).
 
 L1 loss to the ground truth (plus, optionally, ``distill`` x L1 to the float teacher's output); Adam, lr 2e-4,
 betas (0.9, 0.99), no weight decay; MultiStepLR halving at 50/75/87.5/93.75 % of the run; optional gradient

@@ -1,8 +1,9 @@
 """Validation during training: PSNR/SSIM of the model and of the no-network baseline on held-out images.
 
-Super-resolution: Y channel, border crop = scale (method.md §3), baseline = MATLAB bicubic upsampling.
-Denoising / JPEG: all channels, no crop, baseline = the degraded input itself. Images are shared out over
-processes (image i goes to rank i mod world) and the sums all-reduced, so every rank gets the same numbers.
+Protocol (docs/evaluation.md §2): for super-resolution the Y channel, border crop = scale, baseline = MATLAB
+bicubic upsampling; for denoising / JPEG all channels, no crop, baseline = the degraded input itself. Images
+are shared out over processes (image i goes to rank i mod world) and the sums all-reduced, so every rank gets
+the same numbers.
 """
 
 from __future__ import annotations
