@@ -23,11 +23,13 @@ import argparse
 import json
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qmambair.data.photos import PHOTOS, split_of
 from qmambair.eval.benchmark import ABLATION
 from qmambair.eval.report import describe_machine
 from qmambair.models.checkpoint import load_model
@@ -47,6 +49,15 @@ def run_times(log: Path) -> tuple[float, int]:
             seconds += float(event.get("seconds", 0.0))
             step = int(event.get("step", step))
     return seconds, step
+
+
+def photo_licences(split: str = "train") -> str:
+    """The model-card row naming the licences of the photo pool's ``split`` (counted from ``PHOTOS``)."""
+    counts = Counter(p.licence for p in PHOTOS if split_of(p.name) == split)
+    listed = ", ".join(f"{licence} ({n})" for licence, n in counts.most_common())
+    return (f"| training photos | {sum(counts.values())} photographs of the pool's {split} split, from "
+            f"Debian packages, under their own licences (photos per licence): {listed}; each photo's "
+            "licence and author are in the fetched `manifest.json` (docs/evaluation.md §5.2) |")
 
 
 def last_validation(log: Path) -> dict[str, Any]:
@@ -83,6 +94,7 @@ def write_card(name: str, weight_file: Path, runs: list[Path], cfg: dict[str, An
         f"| file | `{weight_file.name}` ({weight_file.stat().st_size:,} bytes) |",
         f"| data | built-in photo pool (`qmambair data fetch`), train split; HR patches {cfg['patch']} px, "
         f"flips/rotations |",
+        photo_licences(),
         f"| degradation | MATLAB bicubic ×{cfg['preset'].rsplit('x', 1)[-1]} |",
         f"| budget | {step} iterations{staged}, batch {cfg['batch']}, Adam lr {cfg['lr']:g}, MultiStepLR at "
         f"{'/'.join(f'{m:g}' for m in cfg['milestones'])} of the run, L1 |",
