@@ -1,4 +1,4 @@
-"""PSNR and SSIM with BasicSR's conventions (method.md §4), so numbers compare with published tables.
+"""PSNR and SSIM with BasicSR's conventions (docs/evaluation.md §2), so numbers compare with published tables.
 
 Both metrics first bring the images to 8 bits: float input is clamped to [0,1], multiplied by 255 and
 rounded (``np.round``, as BasicSR's ``tensor2img``); ``uint8`` input is used as it is. Then ``crop_border``

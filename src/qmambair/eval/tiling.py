@@ -2,8 +2,8 @@
 
 Two tilings (``mode``):
 
-- ``"mambair"`` reproduces MambaIR's test-time tiling exactly (docs/method.md §3). Our reading of it, for an
-  LR input of h x w and threshold ``tile`` (200 in the tester), per axis (shown for rows)::
+- ``"mambair"`` reproduces MambaIR's test-time tiling exactly (docs/evaluation.md §3.1). Our reading of it,
+  for an LR input of h x w and threshold ``tile`` (200 in the tester), per axis (shown for rows)::
 
       n     = h // tile + 1                 tiles along the axis
       pad   = (n - h % n) % n               reflect padding at the bottom (right for columns)

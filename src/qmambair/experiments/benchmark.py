@@ -2,7 +2,7 @@
 
     rows = run_benchmark(BenchmarkSpec(methods=["fp", "qmambair", "lsq", "minmax"], bits=[4, 2], iters=500))
 
-As baselines.md asks, only the quantizer changes: ``OUT/runs/fp`` trains the float model (``fp_iters``);
+Only the quantizer changes (docs/evaluation.md §6): ``OUT/runs/fp`` trains the float model (``fp_iters``);
 ``OUT/runs/<method>-wXaX`` is QAT from it for ``iters`` steps, or calibration on the first ``calib_patches``
 training patches for the PTQ methods; ``ablation`` adds ``OUT/runs/ablation-{base,dls,rfa}-wXaX`` (Q-MambaIR
 with DLS and/or RFA off). Every model is evaluated on whole images (MambaIR tiling) of the trainer's test

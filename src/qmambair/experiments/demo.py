@@ -2,8 +2,8 @@
 
 For each scale with shipped models (``qmambair.models.shipped``) every built-in test image is
 centre-cropped, degraded with MATLAB bicubic (8-bit LR, as in the benchmark protocol), restored by every model
-and scored (Y-channel PSNR/SSIM, border = scale, method.md §4). Written to the output folder: the restored
-images, side by side crops (LR, bicubic, each model, HR), PSNR-against-bits plots, ``results.csv``,
+and scored (Y-channel PSNR/SSIM, border = scale, docs/evaluation.md §2). Written to the output folder: the
+restored images, side by side crops (LR, bicubic, each model, HR), PSNR-against-bits plots, ``results.csv``,
 ``report.md`` and ``report.html``. No data fetch is needed: the images come from scikit-image and PyWavelets.
 """
 
