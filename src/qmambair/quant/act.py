@@ -1,4 +1,4 @@
-"""Act_Quant: the per-tensor LSQ+ activation quantizer with a learnable offset (method.md §2)."""
+"""Act_Quant: the per-tensor LSQ+ activation quantizer with a learnable offset (docs/method.md §3.2)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Shared pieces of every quantizer: straight-through rounding, LSQ gradient scaling, the base module.
 
-Notation (method.md §2): b bits; signed range Qn = -2^(b-1), Qp = 2^(b-1) - 1; unsigned Qn = 0, Qp = 2^b - 1.
+Notation (docs/method.md §3.1): b bits; signed range Qn = -2^(b-1), Qp = 2^(b-1) - 1; unsigned Qn = 0,
+Qp = 2^b - 1.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-SIGN_THRESHOLD = -1e-5  # an activation is signed if its first-batch minimum is below this (method.md)
+SIGN_THRESHOLD = -1e-5  # signed if the first-batch minimum is below this (docs/method.md §3.1)
 MIN_STEP = 1e-8  # floor on learned steps/scales: a step driven to <= 0 by the optimiser would divide by zero
 
 

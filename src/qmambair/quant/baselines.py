@@ -1,4 +1,4 @@
-"""QAT baseline quantizers (baselines.md): LSQ, LSQ+, PAMS, DoReFa, QuantSR-style, N2UQ-style.
+"""QAT baseline quantizers (docs/method.md §3.5): LSQ, LSQ+, PAMS, DoReFa, QuantSR-style, N2UQ-style.
 
 Each baseline has an activation class and, where its weight rule differs, a ``...Weight`` class. All are
 per-tensor unless stated; all keep their state in the state dict (see ``Quantizer``).

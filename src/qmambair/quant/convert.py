@@ -1,6 +1,6 @@
 """``quantize_model(model, QuantConfig(...))``: swap the quantized places of a MambaIR for quantized modules.
 
-The places are exactly those of method.md §2's table, and each has one of three quantizer *slots*:
+The places are exactly those of the table in docs/method.md §4.1, and each has one of three quantizer *slots*:
 
 - ``act``: the input of in_proj, the depthwise conv2d, x_proj, dt_proj, the CAB convs and the RSSG tail conv
   (Q-MambaIR: Act_Quant);
@@ -159,7 +159,7 @@ def make_weight_quantizer(config: QuantConfig, weight: torch.Tensor, out_dims: i
     raise AssertionError(m)
 
 
-# --- the places of method.md §2 ----------------------------------------------------------------------------
+# --- the places of docs/method.md §4.1 ---------------------------------------------------------------------
 
 
 class _Place(NamedTuple):
@@ -219,7 +219,7 @@ def _conv_children(parent: nn.Module, fqn: str) -> list[_Place]:
 
 
 def quantization_places(model: nn.Module) -> list[_Place]:
-    """Every float module that method.md §2 quantizes, with the builder of its quantized replacement."""
+    """Every float module that docs/method.md §4.1 quantizes, with the builder of its replacement."""
     places: list[_Place] = []
     for fqn, module in model.named_modules():
         if isinstance(module, SS2D):
@@ -240,7 +240,7 @@ def quantize_model(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Quantize ``model`` in place (and return it): swap method.md §2's places for quantized modules.
+    """Quantize ``model`` in place (and return it): swap the places of docs/method.md §4.1 for quantized ones.
 
     ``config`` defaults to ``QuantConfig(**kwargs)``; ``filter_fn(float_module, fqn)`` returning False keeps
     a place float (its path is recorded in the stored config's ``skip``). Parameters are shared with the

@@ -1,4 +1,4 @@
-"""DLS: the statistical dynamic-balancing learnable scalar activation quantizer (method.md §2)."""
+"""DLS: the statistical dynamic-balancing learnable scalar activation quantizer (docs/method.md §3.3)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from torch import nn
 
 from .base import Quantizer, grad_scale, lsq_grad_factor, round_ste, ste_clamp
 
-MIN_DELTA = 1e-6  # the lower bound of the step in method.md
+MIN_DELTA = 1e-6  # the lower bound of the step (docs/method.md §3.3)
 VAR_FLOOR = 1e-12  # sqrt is not differentiable at 0: a constant tensor would give NaN gradients
 
 

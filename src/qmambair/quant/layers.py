@@ -81,7 +81,7 @@ class QScan(ScanOp):
     """The selective scan with a quantizer on each of its seven inputs (u, Δ, A, B, C, D, delta_bias).
 
     Submodules ``u_quant``, ``delta_quant``, ``A_quant``, ``B_quant``, ``C_quant``, ``D_quant``,
-    ``delta_bias_quant``; the scan arithmetic and hidden state stay float (method.md §2).
+    ``delta_bias_quant``; the scan arithmetic and hidden state stay float (docs/method.md §4.3).
     """
 
     def __init__(self, quantizers: dict[str, nn.Module | None] | None = None):

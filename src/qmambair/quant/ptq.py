@@ -1,4 +1,4 @@
-"""Post-training activation quantizers (baselines.md): static MinMax, static Percentile, dynamic per-token.
+"""Post-training activation quantizers (docs/method.md §3.6): static MinMax and Percentile, dynamic per-token.
 
 Static quantizers gather statistics while ``calibrating`` is set (the input passes through unchanged),
 then ``finish_calibration`` fixes the range. ``calibrate(model, images)`` in calibrate.py drives this.

@@ -1,4 +1,4 @@
-"""RFA: the range-floating flexible allocator weight quantizer (method.md §2), and its threshold helpers."""
+"""RFA, the range-floating flexible allocator for weights (docs/method.md §3.4), and its threshold helpers."""
 
 from __future__ import annotations
 
