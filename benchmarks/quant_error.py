@@ -22,7 +22,7 @@ import torch
 
 from qmambair.data.builtin import builtin_images
 from qmambair.data.degrade import bicubic_lr
-from qmambair.models.checkpoint import load_model
+from qmambair.loading import load_model
 from qmambair.quant.base import iter_quantizers
 from qmambair.quant.dls import DLS
 from qmambair.train.trainer import set_threads

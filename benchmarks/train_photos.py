@@ -22,8 +22,8 @@ from qmambair.data.datasets import Degradation, EvalImages, load_samples
 from qmambair.data.imresize import imresize
 from qmambair.data.photos import photo_paths
 from qmambair.eval.tiling import restore_tiled
+from qmambair.loading import load_model
 from qmambair.metrics import psnr, ssim
-from qmambair.models.checkpoint import load_model
 from qmambair.train import make_config, train
 
 

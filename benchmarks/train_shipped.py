@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from qmambair.data.photos import PHOTOS, split_of
-from qmambair.eval.benchmark import ABLATION
-from qmambair.eval.report import describe_machine
-from qmambair.models.checkpoint import load_model
+from qmambair.experiments.benchmark import ABLATION
+from qmambair.experiments.report import describe_machine
+from qmambair.loading import load_model
 from qmambair.quant.pack import export_packed
 from qmambair.train import make_config, train
 

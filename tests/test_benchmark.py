@@ -14,8 +14,8 @@ import torch
 from qmambair import cli
 from qmambair.data.builtin import builtin_images
 from qmambair.data.io import write_image
-from qmambair.eval.benchmark import BenchmarkSpec, run_benchmark
-from qmambair.models.checkpoint import load_model
+from qmambair.experiments.benchmark import BenchmarkSpec, run_benchmark
+from qmambair.loading import load_model
 
 TINY = {"embed_dim": 8, "depths": [1], "d_state": 4}
 TINY_SETS = ["--set", "model.embed_dim=8", "--set", "model.depths=[1]", "--set", "model.d_state=4"]

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from qmambair.cli import main
-from qmambair.eval.demo import demo_models, run_demo
-from qmambair.eval.visual import side_by_side
-from qmambair.models.checkpoint import CheckpointError, load_model
+from qmambair.experiments.demo import demo_models, run_demo
+from qmambair.experiments.visual import side_by_side
+from qmambair.loading import load_model
+from qmambair.models.checkpoint import CheckpointError
 from qmambair.models.shipped import list_shipped, model_card, shipped_path
 
 
@@ -63,7 +64,7 @@ def test_demo_rejects_unknown_images(tmp_path, capsys):
 
 
 def test_run_demo_reports_missing_models(tmp_path, monkeypatch):
-    import qmambair.eval.demo as demo
+    import qmambair.experiments.demo as demo
 
     monkeypatch.setattr(demo, "list_shipped", lambda: ["light-sr-x4-fp"])
     lines: list[str] = []

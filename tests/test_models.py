@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qmambair.loading import load_model
 from qmambair.models import build_model
-from qmambair.models.checkpoint import CheckpointError, load_model, save_model
+from qmambair.models.checkpoint import CheckpointError, save_model
 
 from .official_mambair import mambair_forward
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from qmambair.commands.export import add_export_parser, packed_info
+from qmambair.loading import load_model
 from qmambair.models import build_model
-from qmambair.models.checkpoint import load_model, save_model
+from qmambair.models.checkpoint import save_model
 from qmambair.quant import QuantConfig, iter_quantizers, quantize_model
 from qmambair.quant.pack import (
     HEADER_SIZE,

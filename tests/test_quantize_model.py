@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qmambair import build_model
-from qmambair.models.checkpoint import load_model, save_model
+from qmambair.loading import load_model
+from qmambair.models.checkpoint import save_model
 from qmambair.quant import (
     DLS,
     METHODS,

@@ -27,8 +27,9 @@ WORKER = textwrap.dedent('''
 
 
 def test_two_process_qat_is_consistent(tmp_path):
+    from qmambair.loading import load_model
     from qmambair.models import build_model
-    from qmambair.models.checkpoint import load_model, save_model
+    from qmambair.models.checkpoint import save_model
     from qmambair.quant import QuantConfig, quantize_model, quantizer_state_keys
 
     data = make_folder(tmp_path / "images", n=4, size=40)

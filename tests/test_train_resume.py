@@ -84,7 +84,7 @@ def test_sigkill_then_resume_is_bit_exact(data, tmp_path):
 
 
 def test_training_checkpoint_loads_as_model(data, tmp_path):
-    from qmambair.models.checkpoint import load_model
+    from qmambair.loading import load_model
     from qmambair.train import TrainConfig, train
 
     out = tmp_path / "run"
@@ -102,7 +102,7 @@ def test_training_checkpoint_loads_as_model(data, tmp_path):
 
 
 def test_qat_with_distillation_and_clipping(data, tmp_path):
-    from qmambair.models.checkpoint import load_model
+    from qmambair.loading import load_model
     from qmambair.train import TrainConfig, train
 
     float_run = tmp_path / "fp"

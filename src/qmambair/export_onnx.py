@@ -41,7 +41,7 @@ def export_scan(max_chunk: int = EXPORT_CHUNK) -> Iterator[None]:
     has no chunk argument, so SS2D's module-level reference is swapped while the context is active.
     """
     from .models import ss2d
-    from .scan import selective_scan_chunked
+    from .scan.chunked import selective_scan_chunked
 
     def scan(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
@@ -77,7 +77,7 @@ def _tile(tile: int | tuple[int, int]) -> tuple[int, int]:
 
 def prepare_for_export(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` ready to trace: quantizers checked, weight quantizers frozen."""
-    from .quant import iter_quantizers
+    from .quant.base import iter_quantizers
     from .quant.pack import freeze_weight_quantizers
 
     model = copy.deepcopy(model).eval()

@@ -1,4 +1,4 @@
-"""``qmambair benchmark``: all methods under one budget and seed (``qmambair.eval.benchmark``)."""
+"""``qmambair benchmark``: all methods under one budget and seed (``qmambair.experiments.benchmark``)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _int_list(text: str) -> list[int]:
 
 def make_spec(args: argparse.Namespace) -> Any:
     """The :class:`BenchmarkSpec` of the parsed arguments (flags, then ``--set`` overrides)."""
-    from ..eval.benchmark import BenchmarkSpec
+    from ..experiments.benchmark import BenchmarkSpec
     from ..train.config import apply_sets
 
     data: dict[str, Any] = {k: getattr(args, k) for k in _FIELDS if getattr(args, k, None) is not None}
@@ -57,8 +57,8 @@ def make_spec(args: argparse.Namespace) -> Any:
 
 def run_benchmark_command(args: argparse.Namespace) -> int:
     """Run the benchmark, print the report; returns the exit code."""
-    from ..eval.benchmark import run_benchmark
-    from ..train import TrainingDiverged
+    from ..experiments.benchmark import run_benchmark
+    from ..train.trainer import TrainingDiverged
 
     spec = make_spec(args)
 

@@ -1,4 +1,4 @@
-"""``qmambair demo``: the main job (see ``qmambair.eval.demo``)."""
+"""``qmambair demo``: the main job (see ``qmambair.experiments.demo``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _ints(text: str) -> list[int]:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     from ..data.builtin import list_builtin
-    from ..eval.demo import run_demo
+    from ..experiments.demo import run_demo
     from ..models.shipped import list_shipped
     from ..train.trainer import set_threads
 
@@ -37,7 +37,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``qmambair demo``."""
-    from ..eval.demo import DEMO_IMAGES
+    from ..experiments.demo import DEMO_IMAGES
 
     p = sub.add_parser(
         "demo",

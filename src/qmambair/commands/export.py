@@ -57,7 +57,7 @@ def format_packed_info(info: dict[str, Any]) -> str:
 def run_export(args: argparse.Namespace) -> int:
     """Load the model (QAT checkpoint, .safetensors, .qmb), write the requested files, print a summary."""
     from ..export_onnx import export_onnx, onnx_parity
-    from ..models.checkpoint import load_model
+    from ..loading import load_model
     from ..quant.pack import export_packed
 
     if args.output is None and args.onnx is None:

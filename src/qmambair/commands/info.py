@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..eval.complexity import count_macs
-from ..models.checkpoint import load_model
+from ..loading import load_model
 from ..models.shipped import shipped_path
 
 REFERENCE_OUTPUT = (720, 1280)  # MACs are usually quoted for a 1280x720 output

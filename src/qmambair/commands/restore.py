@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..eval.tiling import restore
-from ..models.checkpoint import load_model
+from ..loading import load_model
 from ..models.presets import list_presets
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
@@ -92,7 +92,7 @@ def resize_alpha(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def restore_file(model: torch.nn.Module, job: Job, args: argparse.Namespace, protect: list[Path]) -> None:
     """Read, restore and write one image (raises ImageReadError / OSError / ValueError on failure)."""
-    from ..data import image_info, read_image, write_image
+    from ..data.io import image_info, read_image, write_image
 
     bits_in = image_info(job.src).bits
     img, alpha = read_image(job.src, mode="keep", alpha="keep")
@@ -116,7 +116,7 @@ def _load(spec: str, device: str) -> torch.nn.Module:
 
 def run_restore(args: argparse.Namespace) -> int:
     """Restore every input image; returns 0 if all were restored or skipped, 1 if any failed."""
-    from ..data import ImageReadError
+    from ..data.io import ImageReadError
 
     if args.overlap is not None and args.tile_mode != "blend":
         print("error: --overlap applies to --tile-mode blend only (mambair mode fixes it)", file=sys.stderr)

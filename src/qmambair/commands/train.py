@@ -50,9 +50,9 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, flags: dict[str, Any]) -> int:
     from ..data.photos import PhotosNotFetchedError
-    from ..train import TrainingDiverged, make_config, train
-    from ..train.config import RUNTIME_KEYS
+    from ..train.config import RUNTIME_KEYS, make_config
     from ..train.distributed import DistInfo
+    from ..train.trainer import TrainingDiverged, train
 
     main = DistInfo(rank=int(os.environ.get("RANK", "0"))).is_main
     if args.resume:
@@ -97,7 +97,7 @@ def run_qat(args: argparse.Namespace) -> int:
     else:
         if not args.from_:
             raise ValueError("qat needs --from CKPT (the full-precision model to quantize)")
-        from ..models.checkpoint import load_model
+        from ..loading import load_model
 
         float_model = load_model(args.from_)
         if getattr(float_model, "quant_config", None) is not None:
@@ -109,7 +109,7 @@ def run_qat(args: argparse.Namespace) -> int:
             quant["w_bits"] = args.w_bits
         if args.a_bits is not None:
             quant["a_bits"] = args.a_bits
-        from ..quant import QuantConfig
+        from ..quant.convert import QuantConfig
 
         if QuantConfig(**quant).is_ptq:
             raise ValueError(f"{args.method} is a post-training method (calibration, no training); "

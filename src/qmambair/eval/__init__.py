@@ -1,4 +1,4 @@
-"""Evaluation: tiled inference, complexity (MACs), metrics and benchmark tables."""
+"""Measuring a model: metrics (PSNR/SSIM), tiled inference, complexity (MACs). Never trains."""
 
 from .metrics import psnr, rgb_to_y, ssim
 

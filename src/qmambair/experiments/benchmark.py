@@ -79,7 +79,7 @@ class BenchmarkSpec:
     test_images: int = 0  # use at most this many images of the test split (0: all)
 
     def __post_init__(self) -> None:
-        from ..models import get_preset
+        from ..models.presets import get_preset
 
         self.preset = self.preset or f"light-sr-x{self.scale or 4}"
         deg = Degradation.from_dict(get_preset(self.preset).get("degradation", {}))
@@ -149,7 +149,7 @@ def plan_runs(spec: BenchmarkSpec) -> list[_Run]:
 
 
 def _train_config(spec: BenchmarkSpec, run: _Run, run_dir: Path, fp_model: Path) -> Any:
-    from ..train import make_config
+    from ..train.config import make_config
 
     data = spec.data if spec.data in ("", "builtin") else str(Path(spec.data).resolve())
     iters = spec.iters if run.quant else spec.fp_iters
@@ -187,7 +187,7 @@ _SAME = ("preset", "model", "quant", "data", "iters", "batch", "patch", "seed", 
 
 def _train(run: _Run, cfg: Any, progress: bool, say: Callable[[str], None]) -> None:
     """Train ``run`` unless its log says it finished; resume it from last.pt when interrupted."""
-    from ..train import train
+    from ..train.trainer import train
 
     out, want = Path(cfg.out), cfg.to_dict()
     events = _events(out)
@@ -216,8 +216,10 @@ def _calibrate(
     say: Callable[[str], None],
 ) -> None:
     """Post-training quantization of the float model, calibrated on ``patches``; skipped when up to date."""
-    from ..models.checkpoint import load_model, save_model
-    from ..quant import calibrate, quantize_model
+    from ..loading import load_model
+    from ..models.checkpoint import save_model
+    from ..quant.calibrate import calibrate
+    from ..quant.convert import quantize_model
 
     stamp = {"quant": run.quant, "float_model": _fingerprint(fp_model), "patches": _digest(patches)}
     marker = out / "ptq.json"
@@ -282,7 +284,7 @@ def _evaluate(
     run_dir: Path, sets: dict[str, EvalImages], tile: int, device: torch.device, say: Callable[[str], None]
 ) -> dict[str, dict[str, float]]:
     """Metrics of ``run_dir/model.safetensors`` per test set, cached in ``run_dir/eval.json``."""
-    from ..models.checkpoint import load_model
+    from ..loading import load_model
     from ..train.distributed import DistInfo
     from ..train.validate import evaluate
 
@@ -321,7 +323,7 @@ def run_benchmark(
     ablation), ``run``, ``psnr_<set>``/``ssim_<set>`` for each test set and ``seconds`` (training or
     calibration wall time). ``log`` receives one line per action.
     """
-    from ..models import get_preset
+    from ..models.presets import get_preset
     from ..train.trainer import set_threads
 
     say = log or (lambda _: None)

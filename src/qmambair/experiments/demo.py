@@ -25,8 +25,8 @@ from ..data.builtin import builtin_images
 from ..data.datasets import Degradation, EvalImages, Sample
 from ..data.degrade import bicubic_lr
 from ..data.io import write_image
-from ..metrics import psnr, ssim
-from ..models.checkpoint import load_model
+from ..eval.metrics import psnr, ssim
+from ..loading import load_model
 from ..models.shipped import list_shipped, shipped_path
 from ..train.validate import baseline_output, metric_settings
 from .report import Column, describe_machine, html_table, markdown_table, plot_metric_vs_bits, write_csv

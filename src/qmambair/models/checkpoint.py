@@ -1,7 +1,9 @@
-"""Model files: official MambaIR/BasicSR checkpoints, the project's safetensors format, packed .qmb files.
+"""Float model files: official MambaIR/BasicSR checkpoints and the project's safetensors format.
 
-``load_model(path)`` needs no other argument: an official file's architecture is read off its tensor shapes,
-the project's own files carry their config (and quantization config) in the safetensors metadata.
+An official file's architecture is read off its tensor shapes; the project's own files carry their config
+(and, for a quantized model, its quantization config) in the safetensors metadata. This module knows the float
+networks only: quantized models (``qmambair.quant.files``, ``qmambair.quant.pack``), training checkpoints
+(``qmambair.train.checkpoint``) and the any-file ``load_model`` (``qmambair.loading``) live above it.
 """
 
 from __future__ import annotations
@@ -148,7 +150,10 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def _load_safetensors(path: Path, map_location: str) -> nn.Module:
+def read_safetensors(
+    path: str | os.PathLike, map_location: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file; a ``CheckpointError`` if it cannot be read."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -157,86 +162,58 @@ def _load_safetensors(path: Path, map_location: str) -> nn.Module:
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    if "config" in meta:
-        config = json.loads(meta["config"])
-        preset = meta.get("preset") or None
-    else:  # plain safetensors of an official state dict
-        config, preset = infer_config(sd), None
-    model = build_model(None, **config)
-    model.preset = preset or preset_for_config(config)
-    if meta.get("quant_config"):
-        from ..quant import QuantConfig, quantize_model
+    return sd, meta
 
-        model = quantize_model(model, QuantConfig(**json.loads(meta["quant_config"])))
+
+def read_torch_file(path: str | os.PathLike, map_location: str = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of a ``.pth``-like file; a ``CheckpointError`` if unreadable."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise CheckpointError(
+            f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def float_model_from_state(
+    sd: dict[str, torch.Tensor], config: dict[str, Any] | None = None, preset: str | None = None
+) -> nn.Module:
+    """The float network for a state dict, its weights loaded (train mode).
+
+    The architecture is the ``preset`` if given (the file must fit it exactly), else ``config`` (build_model
+    keywords, as the project's files carry), else read off the state dict's shapes (official files).
+    """
+    if preset:
+        return _loaded(build_model(preset), sd)
+    model = build_model(None, **(config if config is not None else infer_config(sd)))
+    model.preset = preset_for_config(model.config)
+    return _loaded(model, sd)
+
+
+def _loaded(model: nn.Module, sd: dict[str, torch.Tensor]) -> nn.Module:
     load_state_dict_checked(model, sd)
     return model
 
 
-def load_model(
-    path: str | os.PathLike,
-    preset: str | None = None,
-    param_key: str | None = None,
-    map_location: str = "cpu",
-) -> nn.Module:
-    """Load a model file and return the network in eval mode.
+def locate_model_file(path: str | os.PathLike, presets: bool = True) -> Path | None:
+    """The file a model argument names: ``path`` itself, or the file of the shipped model of that name.
 
-    - ``.safetensors``: the project's format (config in metadata), or a bare official state dict;
-    - ``.pth``/``.pt``/``.ckpt``: official BasicSR files (``params``/``params_ema``, ``module.`` prefix) or a
-      qmambair training checkpoint;
-    - ``.qmb``: a packed low-bit file (see ``qmambair.quant.pack``).
-    ``preset`` forces an architecture (the file must then fit it exactly, else a ``CheckpointError``).
-    A shipped model's name (``qmambair.models.shipped``, e.g. ``light-sr-x4-fp``) loads that file; a preset
-    name (no such file) builds a randomly initialised model.
+    None when ``path`` is a preset name and ``presets`` is true (the caller builds that preset); a
+    ``CheckpointError`` listing the choices when it names nothing, or when the file is empty.
     """
+    from .presets import list_presets
     from .shipped import list_shipped, shipped_path
 
     p = Path(path)
     if not p.exists() and shipped_path(str(path)) is not None:
         p = shipped_path(str(path))
     if not p.exists():
-        if preset is None and str(path) in _preset_names():
-            return build_model(str(path)).eval()
+        if presets and str(path) in list_presets():
+            return None
         raise CheckpointError(
             f"{path}: no such file, shipped model ({', '.join(list_shipped()) or 'none installed'}) "
-            f"or preset ({', '.join(_preset_names())})"
+            f"or preset ({', '.join(list_presets())})"
         )
     if p.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
-    suffix = p.suffix.lower()
-    if suffix == ".qmb":
-        from ..quant.pack import load_packed
-
-        return load_packed(p).eval()
-    if suffix == ".safetensors" and preset is None:
-        return _load_safetensors(p, map_location).eval()
-    if suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(str(p))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    else:
-        try:
-            obj = torch.load(p, map_location=map_location, weights_only=True)
-        except Exception as exc:  # torch raises many types for a bad file
-            raise CheckpointError(
-                f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})"
-            ) from None
-        if isinstance(obj, dict) and "qmambair" in obj:  # a training checkpoint of this project
-            from ..train.checkpoint import model_from_training_checkpoint
-
-            return model_from_training_checkpoint(obj).eval()
-        sd = official_state_dict(obj, param_key)
-    model = build_model(preset) if preset else build_model(None, **infer_config(sd))
-    if not preset:
-        model.preset = preset_for_config(model.config)
-    load_state_dict_checked(model, sd)
-    return model.eval()
-
-
-def _preset_names() -> list[str]:
-    from .presets import list_presets
-
-    return list_presets()
+    return p

@@ -27,6 +27,15 @@ import torch
 from torch import nn
 
 from ..fileio import atomic_path
+from ..models.checkpoint import (
+    CheckpointError,
+    float_model_from_state,
+    official_state_dict,
+    read_safetensors,
+    read_torch_file,
+)
+from ..quant.files import model_from_safetensors, model_from_state
+from ..quant.pack import load_packed
 
 __all__ = [
     "FORMAT",
@@ -108,8 +117,6 @@ def training_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a training checkpoint (``weights_only=True``); errors say what is wrong with the file."""
-    from ..models.checkpoint import CheckpointError
-
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint")
@@ -127,19 +134,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def model_from_training_checkpoint(obj: dict[str, Any]) -> nn.Module:
     """The network of a loaded training checkpoint (quantized if it was a QAT run), in train mode."""
-    from ..models.checkpoint import CheckpointError, load_state_dict_checked
-    from ..models.presets import build_model, preset_for_config
-
     try:
         config = dict(obj["model_config"])
         state = obj["model"]
     except (KeyError, TypeError):
         raise CheckpointError("training checkpoint lacks model_config/model entries") from None
-    model = build_model(None, **config)
-    model.preset = obj.get("preset") or preset_for_config(config)
-    if obj.get("quant_config"):
-        from ..quant import QuantConfig, quantize_model
+    return model_from_state(state, config, obj.get("quant_config"), obj.get("preset"))
 
-        model = quantize_model(model, QuantConfig.from_dict(obj["quant_config"]))
-    load_state_dict_checked(model, state)
-    return model
+
+def load_model_file(
+    path: str | os.PathLike,
+    preset: str | None = None,
+    param_key: str | None = None,
+    map_location: str = "cpu",
+) -> nn.Module:
+    """The model of any model file, in eval mode: what ``qmambair.loading.load_model`` and a run's ``init``
+    read once a name has become a file.
+
+    ``.qmb``: packed low-bit; ``.safetensors``: the project's format (float or quantized) or a bare official
+    state dict; other suffixes: ``torch.load``, a training checkpoint of this project or an official BasicSR
+    file (``params``/``params_ema``, or the key ``param_key``). ``preset`` forces a float architecture.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".qmb":
+        return load_packed(p).eval()
+    if suffix == ".safetensors":
+        return model_from_safetensors(*read_safetensors(p, map_location), preset=preset).eval()
+    obj = read_torch_file(p, map_location)
+    if isinstance(obj, dict) and "qmambair" in obj:  # a training checkpoint of this project
+        return model_from_training_checkpoint(obj).eval()
+    return float_model_from_state(official_state_dict(obj, param_key), preset=preset).eval()

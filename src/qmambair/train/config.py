@@ -93,7 +93,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with preset-dependent defaults filled in (batch, patch, out)."""
-        from ..models import get_preset
+        from ..models.presets import get_preset
 
         train = get_preset(self.preset).get("train", {})
         cfg = dataclasses.replace(self, model=dict(self.model), degradation=dict(self.degradation),

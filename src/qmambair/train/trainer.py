@@ -46,6 +46,7 @@ from . import distributed as D
 from .checkpoint import (
     atomic_save,
     load_checkpoint,
+    load_model_file,
     model_from_training_checkpoint,
     rng_state,
     set_rng_state,
@@ -109,9 +110,13 @@ def _seed_all(seed: int) -> None:
 
 
 def _load_float(path: str) -> nn.Module:
-    from ..models.checkpoint import load_model
+    """The model an ``init``/``teacher`` entry names (eval mode): any file ``qmambair.load_model`` reads, a
+    shipped model or a preset name."""
+    from ..models.checkpoint import locate_model_file
+    from ..models.presets import build_model
 
-    return load_model(path)
+    p = locate_model_file(path)
+    return build_model(path).eval() if p is None else load_model_file(p)
 
 
 def build_datasets(
@@ -179,7 +184,7 @@ class Trainer:
 
         _seed_all(cfg.seed)  # identical initial weights on every rank
         self.model, self.teacher = self._build_model(ckpt)
-        from ..models import get_preset
+        from ..models.presets import get_preset
 
         spec = {**get_preset(cfg.preset).get("degradation", {}), **cfg.degradation}
         self.deg = Degradation.from_dict(spec)
@@ -237,7 +242,7 @@ class Trainer:
             if model.preset != cfg.preset:
                 self.cfg.preset = model.preset
         else:
-            from ..models import build_model
+            from ..models.presets import build_model
 
             model = build_model(cfg.preset, **cfg.model)
             if cfg.interp_init:
@@ -245,7 +250,7 @@ class Trainer:
 
                 init_as_interpolation(model)
         if cfg.quant:
-            from ..quant import QuantConfig, quantize_model
+            from ..quant.convert import QuantConfig, quantize_model
 
             model = quantize_model(model, QuantConfig(**cfg.quant))
         return model, teacher
@@ -320,7 +325,7 @@ class Trainer:
                            train_images=len(self.train_set), val_images=len(self.val_set or []),
                            degradation=str(self.deg), local_batch=local)
         if cfg.quant and self.step == 0:
-            from ..quant import initialize_quantizers
+            from ..quant.calibrate import initialize_quantizers
 
             first = next(batches)
             initialize_quantizers(self.model, first[0])  # rank 0's state is broadcast to all ranks

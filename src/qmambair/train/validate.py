@@ -13,8 +13,8 @@ from torch import nn
 
 from ..data.datasets import Degradation, EvalImages
 from ..data.imresize import imresize
+from ..eval.metrics import psnr, ssim
 from ..eval.tiling import restore_tiled
-from ..metrics import psnr, ssim
 from .distributed import DistInfo, all_reduce_sum
 
 __all__ = ["evaluate", "metric_settings", "baseline_output"]
