@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qmambair.data.builtin import builtin_images
-from qmambair.quant import RFA, ActQuant, QConv2d, QLinear, QuantConfig
+from qmambair.quant import RFA, ActQuant, QConv2d, QLinear, QuantConfig, describe_quantization
 from qmambair.quant.integer import (
     activation_codes,
+    disable_integer_inference,
     enable_integer_inference,
+    fake_quant_layers,
     integer_conv2d,
     integer_inference,
     integer_parity,
@@ -145,8 +149,22 @@ def test_packed_model_in_integer_mode(tmp_path):
     assert errors and max(errors.values()) <= REL
 
 
-def test_unsupported_activation_quantizer_stays_fake_quant():
+def test_unsupported_activation_quantizer_stays_fake_quant_with_a_warning():
     model = quantized("light-sr-x4", QuantConfig(method="pams", bits=4), **SMALL)
-    assert enable_integer_inference(model) == []
+    left = fake_quant_layers(model)
+    layers = {r.path for r in describe_quantization(model) if r.tensor == "weight"}
+    assert set(left) == layers and set(left.values()) == {"PAMS activations"}
+    with pytest.warns(UserWarning, match=r"stay in fake-quant \(PAMS activations.*: .*layers\.\*\.conv \("):
+        assert enable_integer_inference(model) == []
     with pytest.raises(NotImplementedError, match="PAMS"):
         enable_integer_inference(model, strict=True)
+
+
+def test_supported_model_switches_without_warning():
+    model = quantized("light-sr-x4", QuantConfig(bits=4), **SMALL)
+    assert fake_quant_layers(model) == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        done = enable_integer_inference(model)
+    disable_integer_inference(model)
+    assert set(done) == {r.path for r in describe_quantization(model) if r.tensor == "weight"}

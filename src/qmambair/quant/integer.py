@@ -17,16 +17,23 @@ float64, and every float64 addition (in any order or blocking the conv/matmul ke
 CPU conv has no integer dtypes, so the sums run as float64 conv/matmul on integer-valued tensors; only the
 final rescale rounds. The result equals the fake-quant forward up to float rounding.
 
-Supported activation quantizers: ``ActQuant``, ``DLS`` (per tensor or per sample), ``LSQ``, ``LSQPlus``;
-weight quantizers: everything with ``integer_codes`` (RFA, LSQ, LSQ+ per channel, max-abs, N2UQ, DoReFa) and
-frozen packed codes. DLS clips its output to [min x, max x] after dequantizing, which is not affine: the few
-clipped elements' difference to the affine value is added back as a (sparse) float correction.
+Coverage. Integer sums replace the fake-quant forward only in quantized conv / linear / projection layers
+whose activation quantizer is ``ActQuant``, ``DLS`` (per tensor or per sample), ``LSQ`` or ``LSQPlus`` and
+whose weight quantizer has ``integer_codes`` (RFA, LSQ, LSQ+ per channel, max-abs, N2UQ, DoReFa) or frozen
+packed codes. DLS clips its output to [min x, max x] after dequantizing, which is not affine: the few clipped
+elements' difference to the affine value is added back as a (sparse) float correction. Everything else stays
+fake-quant (quantize, then compute in float): layers with other activation quantizers (PAMS, DoReFa,
+QuantSR-style, N2UQ-style, the PTQ ones), for which ``enable_integer_inference`` warns and names them (or
+raises with ``strict=True``), and, by design, the quantizers that feed no matrix product: the scan inputs
+(u, Δ, A, B, C, D, delta_bias), whose scan runs in float (docs/method.md §4.3).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import types
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -192,22 +199,56 @@ def _supported(module: nn.Module) -> bool:
     return hasattr(module.weight_quant, "integer_codes") or hasattr(module.weight_quant, "frozen_codes")
 
 
+def _why_unsupported(module: nn.Module) -> str:
+    act = module.act_quant
+    if not isinstance(act, ActQuant | LSQ | LSQPlus | DLS):
+        return f"{type(act).__name__} activations"
+    return f"{type(module.weight_quant).__name__} weights"
+
+
+def _name_patterns(paths: list[str]) -> str:
+    """Module paths with block indices folded: ``layers.*.conv (4), ...`` (all paths named, compactly)."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        key = re.sub(r"\.\d+\.", ".*.", re.sub(r"^\d+\.", "*.", path))
+        key = re.sub(r"\.\d+\.", ".*.", key)  # overlapping matches (a.0.1.b)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{key} ({n})" if "*" in key else key for key, n in counts.items())
+
+
+def fake_quant_layers(model: nn.Module) -> dict[str, str]:
+    """Quantized conv / linear / projection layers left in fake-quant by integer inference: path -> why."""
+    return {
+        path: _why_unsupported(module)
+        for path, module in model.named_modules()
+        if type(module) in _INTEGER_FORWARD and not _supported(module)
+    }
+
+
 def enable_integer_inference(model: nn.Module, strict: bool = False) -> list[str]:
     """Switch every supported quantized layer to integer inference (in place); returns their paths.
 
-    Unsupported layers (other activation quantizers) keep the fake-quant forward, or raise with ``strict``.
+    Unsupported layers (other activation quantizers, see the module docstring) keep the fake-quant forward
+    with a ``UserWarning`` naming them, or raise ``NotImplementedError`` with ``strict=True``.
     """
+    left = fake_quant_layers(model)
+    if left and strict:
+        path, why = next(iter(left.items()))
+        raise NotImplementedError(f"{path}: {why} have no integer mode ({len(left)} such layers)")
     done = []
     for path, module in model.named_modules():
         fn = _INTEGER_FORWARD.get(type(module))
-        if fn is None:
-            continue
-        if not _supported(module):
-            if strict:
-                raise NotImplementedError(f"{path}: {type(module.act_quant).__name__} has no integer mode")
+        if fn is None or path in left:
             continue
         module.forward = types.MethodType(fn, module)
         done.append(path)
+    if left:
+        reasons = sorted(set(left.values()))
+        warnings.warn(
+            f"integer inference: {len(left)} quantized layers stay in fake-quant ({'; '.join(reasons)} have "
+            f"no integer mode): {_name_patterns(list(left))} (fake_quant_layers(model) lists them)",
+            stacklevel=2,
+        )
     return done
 
 
