@@ -242,7 +242,7 @@ class PatchDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], degradation: Degradation, hr_patch: int, seed: int = 0,
-                 augment: bool = True):
+                 augment: bool = True, min_std: float = 0.0, tries: int = 10):
         if not samples:
             raise ValueError("PatchDataset needs at least one image")
         s = degradation.factor
@@ -256,6 +256,10 @@ class PatchDataset(Dataset):
         self.hr_patch = hr_patch
         self.seed = int(seed)
         self.augment = augment
+        if min_std < 0 or tries < 1:
+            raise ValueError(f"min_std must be >= 0 and tries >= 1, got {min_std}, {tries}")
+        self.min_std = float(min_std)
+        self.tries = int(tries)
 
     def __len__(self) -> int:
         """Number of images (indices beyond it are valid too: further passes)."""
@@ -271,8 +275,7 @@ class PatchDataset(Dataset):
         sample = self.samples[self.image_index(index)]
         rng = np.random.default_rng([self.seed, 1, int(index)])
         s, p = self.degradation.factor, self.hr_patch // self.degradation.factor
-        h, w = sample.hr.shape[0] // s, sample.hr.shape[1] // s
-        y, x = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
+        y, x = self._position(sample.hr, rng)
         hr = sample.hr[y * s : (y + p) * s, x * s : (x + p) * s]
         lq = hr if sample.lq is None else sample.lq[y : y + p, x : x + p]
         if self.augment:
@@ -286,6 +289,25 @@ class PatchDataset(Dataset):
         if self.degradation.kind == "noise":
             lq_f = lq_f + rng.normal(0.0, self.degradation.sigma / 255.0, lq_f.shape).astype(np.float32)
         return _chw(lq_f), _chw(hr_f)
+
+
+    def _position(self, hr: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+        """LR top-left corner of the patch. With ``min_std`` > 0, flat patches are skipped: up to ``tries``
+        random positions are drawn and the first whose HR patch has a standard deviation (in [0, 1] units,
+        over all channels) of at least ``min_std`` is taken, else the busiest of them."""
+        s, p = self.degradation.factor, self.hr_patch // self.degradation.factor
+        h, w = hr.shape[0] // s, hr.shape[1] // s
+        best, best_std = (0, 0), -1.0
+        for _ in range(self.tries if self.min_std > 0 else 1):
+            y, x = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
+            if self.min_std <= 0:
+                return y, x
+            std = float(hr[y * s : (y + p) * s, x * s : (x + p) * s].std()) / 255.0
+            if std >= self.min_std:
+                return y, x
+            if std > best_std:
+                best, best_std = (y, x), std
+        return best
 
 
 class EvalImages(Dataset):

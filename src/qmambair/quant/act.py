@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .base import MIN_STEP, Quantizer, grad_scale, lsq_grad_factor, round_ste
+from .fused import affine_quant, use_fused
 
 
 class ActQuant(Quantizer):
@@ -29,4 +30,6 @@ class ActQuant(Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qn, qp = self.qn, self.qp
         s = grad_scale(self.step, lsq_grad_factor(x.numel(), qp)).clamp_min(MIN_STEP)
+        if use_fused(x):
+            return affine_quant(x, s, self.offset, qn, qp)
         return s * round_ste(torch.clamp((x + self.offset) / s, qn, qp)) - self.offset

@@ -121,10 +121,42 @@ class Quantizer(nn.Module):
 
 
 class WeightQuantizer(Quantizer):
-    """A weight quantizer whose output is ``scale * codes - offset`` with integer codes (deployable)."""
+    """A weight quantizer whose output is ``scale * codes - offset`` with integer codes (deployable).
+
+    Without autograd (eval mode, no gradient needed) the quantized weight is computed once and reused
+    while the weight and the quantizer's own tensors are unchanged: the cache key holds the weight's storage,
+    shape and dtype and the version counters of every tensor involved, which in-place updates (optimiser
+    steps, ``load_state_dict``) advance. ``train()`` drops it.
+    """
 
     def __init__(self, bits: int):
         super().__init__(bits, signed=True)
+        self._cached: tuple[tuple, torch.Tensor] | None = None
+
+    def _cache_key(self, w: torch.Tensor) -> tuple:
+        own = [t._version for t in self.parameters(recurse=False)] + [
+            t._version for t in self.buffers(recurse=False)
+        ]
+        return (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, tuple(own))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        graph = torch.is_grad_enabled() and (
+            w.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False))
+        )
+        if self.training or graph or not bool(self.initialized):
+            self._cached = None
+            return super().forward(w)
+        key = self._cache_key(w)
+        cached = getattr(self, "_cached", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        out = super().forward(w)
+        self._cached = (key, out)
+        return out
+
+    def train(self, mode: bool = True) -> WeightQuantizer:
+        self._cached = None
+        return super().train(mode)
 
     def integer_codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes, scale, offset) with forward(w) == scale * codes - offset; codes are int64 in [Qn, Qp]."""

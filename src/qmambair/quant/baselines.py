@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .base import MIN_STEP, Quantizer, WeightQuantizer, grad_scale, lsq_grad_factor, round_ste, ste_clamp
+from .fused import affine_quant, use_fused
 from .rfa import count_above, piecewise_linear
 
 
@@ -34,6 +35,8 @@ class LSQ(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         s = self._step(x)
+        if use_fused(x):
+            return affine_quant(x, s, None, self.qn, self.qp)
         return s * round_ste(torch.clamp(x / s, self.qn, self.qp))
 
 

@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from .base import Quantizer, grad_scale, lsq_grad_factor, round_ste, ste_clamp
+from .fused import dls_quant, group_stats, use_fused
 
 MIN_DELTA = 1e-6  # the lower bound of the step (docs/method.md §3.3)
 VAR_FLOOR = 1e-12  # sqrt is not differentiable at 0: a constant tensor would give NaN gradients
+
+
+def step_and_offset(
+    mean: torch.Tensor,
+    var: torch.Tensor | None,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    bits: int,
+    qp: float,
+    numel: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DLS's (Δ, β) from the statistics of a group (mean, unbiased variance or None, min, max).
+
+    β is constant over each group, so the statistics of x̃ = x + β follow from those of x exactly (mean+β, σ,
+    min+β, max+β) with the same gradients: no second pass over the tensor.
+    """
+    sigma = var.clamp_min(VAR_FLOOR).sqrt() if var is not None else torch.zeros_like(mean)
+    beta = v[0] * mean + v[1] * sigma + v[2] * lo + v[3] * hi
+    t_mu, t_lo, t_hi = mean + beta, lo + beta, hi + beta
+    delta_raw = (w[0] * t_mu.abs() + w[1] * sigma + w[2] * t_lo + w[3] * t_hi).abs()
+    delta = grad_scale(delta_raw, lsq_grad_factor(numel, qp)).clamp_min(MIN_DELTA)
+    cap = ((hi - lo) / 2**bits).detach().clamp_min(1e-12)
+    return torch.minimum(delta, cap), beta
 
 
 class DLS(Quantizer):
@@ -48,48 +77,37 @@ class DLS(Quantizer):
         self.v = nn.Parameter(torch.tensor([-1.0, 0.0, 0.0, 0.0]))
         self.w = nn.Parameter(torch.tensor([1.0, float(sigma_init), 0.0, 0.0]) / (2 ** (bits - 1) - 1))
 
-    def _dims(self, x: torch.Tensor) -> tuple[int, ...]:
-        if self.per_sample and x.dim() > 1:
-            return tuple(range(1, x.dim()))
-        return tuple(range(x.dim()))
+    def _groups(self, x: torch.Tensor) -> int:
+        """Number of statistics groups: the batch size per sample, else 1."""
+        return x.shape[0] if self.per_sample and x.dim() > 1 else 1
 
-    @staticmethod
-    def _stats(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        """mean, safe unbiased std, min, max over ``dims`` (kept for broadcasting)."""
-        mean = x.mean(dim=dims, keepdim=True)
-        count = 1
-        for d in dims:
-            count *= x.shape[d]
-        if count > 1:
-            var = x.var(dim=dims, correction=1, keepdim=True)
-            std = var.clamp_min(VAR_FLOOR).sqrt()
-        else:
-            std = torch.zeros_like(mean)
-        return mean, std, x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    def _scalars(self, x: torch.Tensor) -> functools.partial:
+        """The map (mean, var, min, max, v, w) -> (Δ, β) for groups of ``x``."""
+        numel = x.numel() // self._groups(x)
+        return functools.partial(step_and_offset, bits=self.bits, qp=self.qp, numel=numel)
 
     def step_and_offset(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(Δ, β, m, M) for ``x``, each broadcastable to x (per tensor, or per sample)."""
-        dims = self._dims(x)
-        qp = self.qp
-        mu, sigma, lo, hi = self._stats(x, dims)
-        v, w = self.v, self.w
-        beta = v[0] * mu + v[1] * sigma + v[2] * lo + v[3] * hi
-        # β is constant over each statistics group, so the statistics of x̃ follow from those of x exactly
-        # (mean+β, σ, min+β, max+β) with the same gradients: no second pass over the tensor.
-        t_mu, t_lo, t_hi = mu + beta, lo + beta, hi + beta
-        delta_raw = (w[0] * t_mu.abs() + w[1] * sigma + w[2] * t_lo + w[3] * t_hi).abs()
-        numel = x.numel() // (x.shape[0] if self.per_sample and x.dim() > 1 else 1)
-        delta = grad_scale(delta_raw, lsq_grad_factor(numel, qp)).clamp_min(MIN_DELTA)
-        cap = ((hi - lo) / 2**self.bits).detach().clamp_min(1e-12)
-        return torch.minimum(delta, cap), beta, lo, hi
+        groups = self._groups(x)
+        x2 = x.reshape(groups, -1)
+        mean, var, lo, hi = group_stats(x2, fused=use_fused(x2))
+        delta, beta = self._scalars(x)(mean, var, lo, hi, self.v, self.w)
+        shape = (groups,) + (1,) * (x.dim() - 1) if x.dim() else ()
+        return tuple(t.reshape(shape) for t in (delta, beta, lo, hi))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        if x.dim() == 0:
-            x = x.reshape(1)
-        delta, beta, lo, hi = self.step_and_offset(x)
-        out = delta * round_ste(torch.clamp((x + beta) / delta, self.qn, self.qp)) - beta
-        return ste_clamp(out, lo, hi).reshape(shape)
+        x2 = x.reshape(self._groups(x), -1)
+        if use_fused(x2):
+            return dls_quant(x2, self._scalars(x), self.qn, self.qp, self.v, self.w).reshape(x.shape)
+        return self.quantize_eager(x)
+
+    def quantize_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference implementation (torch operations recorded by autograd), the fused path's oracle."""
+        x2 = x.reshape(self._groups(x), -1)
+        mean, var, lo, hi = group_stats(x2)
+        delta, beta = self._scalars(x)(mean, var, lo, hi, self.v, self.w)
+        out = delta * round_ste(torch.clamp((x2 + beta) / delta, self.qn, self.qp)) - beta
+        return ste_clamp(out, lo, hi).reshape(x.shape)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", per_sample={self.per_sample}"

@@ -222,11 +222,22 @@ def quantized_weights(model: nn.Module) -> list[tuple[str, nn.Module, nn.Paramet
     return found
 
 
+def _decode(quantizer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a frozen quantizer's codes stand for: levels[codes − Qn], or scale·codes − offset."""
+    if quantizer.frozen_levels is not None:
+        return quantizer.frozen_levels[quantizer.frozen_codes.long() - quantizer.frozen_qn].to(dtype)
+    codes = quantizer.frozen_codes.to(dtype)
+    return quantizer.frozen_scale.to(dtype) * codes - quantizer.frozen_offset.to(dtype)
+
+
 def _frozen_forward(self: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """Forward of a frozen weight quantizer: the stored levels, whatever the float weight holds."""
-    if self.frozen_levels is not None:
-        return self.frozen_levels[self.frozen_codes.long() - self.frozen_qn].to(w.dtype)
-    return self.frozen_scale.to(w.dtype) * self.frozen_codes.to(w.dtype) - self.frozen_offset.to(w.dtype)
+    """Forward of a frozen weight quantizer: the stored levels, whatever the float weight holds.
+
+    The codes are decoded once (at freezing) into ``frozen_weight``; another dtype decodes again.
+    """
+    if self.frozen_weight.dtype == w.dtype and self.frozen_weight.device == w.device:
+        return self.frozen_weight
+    return _decode(self, w.dtype).to(w.device)
 
 
 def freeze_codes(
@@ -246,6 +257,7 @@ def freeze_codes(
         "frozen_levels", None if levels is None else levels.detach().clone(), persistent=False
     )
     quantizer.frozen_qn = int(quantizer.qn)
+    quantizer.register_buffer("frozen_weight", _decode(quantizer, scale.dtype), persistent=False)
     quantizer.forward = types.MethodType(_frozen_forward, quantizer)
 
 

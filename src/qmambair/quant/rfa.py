@@ -6,6 +6,9 @@ import torch
 from torch import nn
 
 from .base import MIN_STEP, WeightQuantizer, grad_scale, lsq_grad_factor
+from .fused import rfa_quant, use_fused
+
+OUTER_SLOPE = 0.1  # slope of the surrogate ŝ outside the first and last anchor
 
 
 def count_above(u: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -89,9 +92,11 @@ class RFA(WeightQuantizer):
         qn, qp = self.qn, self.qp
         alpha = self._scale(w)
         anchors = self.ordered_anchors()
+        if use_fused(w):
+            return rfa_quant(w, alpha, self.beta, anchors, qn, qp, OUTER_SLOPE)
         u = torch.clamp((w + self.beta) / alpha, qn, qp)
         q = qn + count_above(u, (anchors[:-1] + anchors[1:]) / 2).to(w.dtype)
-        s = piecewise_linear(u, anchors, qn, 0.1)
+        s = piecewise_linear(u, anchors, qn, OUTER_SLOPE)
         return alpha * (q + (s - s.detach())) - self.beta
 
     @torch.no_grad()

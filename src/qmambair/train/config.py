@@ -52,6 +52,7 @@ class TrainConfig:
     distill: float = 0.0  # weight of L1 to the float teacher's output (0: off)
     teacher: str = ""  # teacher weights; "": the `init` model
     augment: bool = True  # random flips and 90-degree rotations
+    patch_min_std: float = 0.0  # skip flat patches: redraw (up to 10 times) below this std in [0, 1] units
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
     log_every: int = 10

@@ -147,7 +147,8 @@ def build_datasets(
         why = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
         raise ValueError(f"no usable training images in {cfg.data or 'builtin'} ({why or 'none found'})")
     val_samples, val_skipped = load_samples(val_items, deg, channels, min_eval_size(deg), cache_dir=cache)
-    train_set = PatchDataset(samples, deg, cfg.patch, seed=cfg.seed, augment=cfg.augment)
+    train_set = PatchDataset(samples, deg, cfg.patch, seed=cfg.seed, augment=cfg.augment,
+                             min_std=cfg.patch_min_std)
     val_set = EvalImages(val_samples, deg, crop=cfg.val_crop) if val_samples else None
     return train_set, val_set, skipped + val_skipped
 
@@ -211,7 +212,11 @@ class Trainer:
             self.teacher.to(self.info.device).eval().requires_grad_(False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         betas = (cfg.betas[0], cfg.betas[1])
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+        # fused: one kernel for all tensors; a quantized model has ~3x the float model's (tiny) parameter
+        # tensors, and the per-tensor Adam loop cost more than its fake quantizers (benchmarks/quant_speed.py)
+        fused = self.info.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay,
+                                          fused=fused or None)
         steps = sorted({max(1, round(f * cfg.iters)) for f in cfg.milestones})
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, steps, gamma=cfg.gamma)
         self.step, self.metrics = 0, {"best_psnr": None, "best_step": None}

@@ -1,0 +1,174 @@
+"""Cost of quantization: float vs Q-MambaIR vs LSQ training steps and inference, interleaved in one process.
+
+Models (light ×N from the shipped float weights): the float model, and the same model quantized with
+Q-MambaIR and with LSQ at ``--bits`` (quantizers initialised on one training batch), each with its own Adam.
+Training step = forward, L1 loss, backward, Adam step on a batch of ``--batch`` LR patches of ``--lr-size``
+pixels. Inference = no-grad eval forward of one ``--infer-size`` LR image, for the float model, the fresh
+fake-quant models and the shipped packed ``.qmb`` models (``--packed``, W4A4 by default). Each repeat runs
+every case once, in turn, on the same inputs; the table gives medians and the ratio to float.
+
+``--quant-kernels eager,fused`` runs each quantized case with the eager quantizers (the oracle) and with the
+fused kernels (``qmambair.quant.fused``), so the speed-up of the kernels is measured side by side too.
+``--pair`` starts two copies of the training comparison side by side, one thread each (the case of two
+trainings sharing a 2-core machine), and prints both tables.
+
+    python benchmarks/quant_speed.py --threads 2 --repeats 5
+    python benchmarks/quant_speed.py --threads 1 --pair
+    python benchmarks/quant_speed.py --profile qmambair     # top operators of one Q-MambaIR training step
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _median_ms(times: list[float]) -> float:
+    return 1000.0 * statistics.median(times)
+
+
+Cases = dict[str, Callable[[], None]]
+
+
+def build_cases(args: argparse.Namespace) -> tuple[Cases, Cases]:
+    """(training-step cases, inference cases): name -> a function that runs one of it."""
+    from qmambair import load_model
+    from qmambair.quant import QuantConfig, quantize_model
+    from qmambair.quant.fused import quant_kernels
+
+    torch.manual_seed(0)
+    fp_name = f"light-sr-x{args.scale}-fp"
+    lr = torch.rand(args.batch, 3, args.lr_size, args.lr_size)
+    hr = torch.rand(args.batch, 3, args.lr_size * args.scale, args.lr_size * args.scale)
+    image = torch.rand(1, 3, args.infer_size, args.infer_size)
+
+    models: dict[str, torch.nn.Module] = {"float": load_model(fp_name).train()}
+    for method in args.methods.split(","):
+        if method == "fp":
+            continue
+        q = quantize_model(load_model(fp_name), QuantConfig(method=method, bits=args.bits)).train()
+        with torch.no_grad():
+            q(lr)  # first training batch initialises the quantizers
+        models[method] = q
+
+    kernels = args.quant_kernels.split(",")
+    train_cases: Cases = {}
+    infer_cases: Cases = {}
+    for name, model in models.items():
+        opt = torch.optim.Adam(model.parameters(), lr=1e-6, betas=(0.9, 0.99), fused=True)  # as the trainer
+        for kernel in ["-"] if name == "float" else kernels:
+            label = name if name == "float" else f"{name} ({kernel})"
+
+            def step(model=model, opt=opt, kernel=kernel) -> None:
+                with quant_kernels(kernel if kernel != "-" else None):
+                    model.train()
+                    opt.zero_grad(set_to_none=True)
+                    loss = (model(lr) - hr).abs().mean()
+                    loss.backward()
+                    opt.step()
+
+            def infer(model=model, kernel=kernel) -> None:
+                with quant_kernels(kernel if kernel != "-" else None), torch.no_grad():
+                    model.eval()(image)
+
+            train_cases[label] = step
+            infer_cases[label] = infer
+    if args.packed:
+        for bits in args.packed.split(","):
+            for method in ("qmambair", "lsq"):
+                name = f"light-sr-x{args.scale}-{method}-w{bits}a{bits}"
+                packed = load_model(name).eval()
+                for kernel in kernels:
+                    def infer_packed(model=packed, kernel=kernel) -> None:
+                        with quant_kernels(kernel), torch.no_grad():
+                            model(image)
+
+                    infer_cases[f"{name}.qmb ({kernel})"] = infer_packed
+    return train_cases, infer_cases
+
+
+def run_interleaved(cases: Cases, repeats: int) -> dict[str, list[float]]:
+    for fn in cases.values():  # warm-up: kernels compiled / loaded, caches filled
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def table(title: str, times: dict[str, list[float]]) -> str:
+    base = statistics.median(times["float"])
+    lines = [f"| {title} | median ms | × float |", "|---|---:|---:|"]
+    for name, ts in times.items():
+        lines.append(f"| {name} | {_median_ms(ts):,.1f} | {statistics.median(ts) / base:.2f} |")
+    return "\n".join(lines)
+
+
+def profile(args: argparse.Namespace, which: str) -> None:
+    train_cases, _ = build_cases(args)
+    label = next(k for k in train_cases if k.startswith(which))
+    train_cases[label]()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train_cases[label]()
+    print(f"profile of one training step: {label}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", type=int, default=4, choices=(2, 4))
+    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr-size", type=int, default=32, help="LR patch size of the training step")
+    p.add_argument("--infer-size", type=int, default=64, help="LR image size of the inference case")
+    p.add_argument("--methods", default="fp,qmambair,lsq")
+    p.add_argument("--quant-kernels", default="fused", help="eager, fused or both (eager,fused)")
+    p.add_argument("--packed", default="4", help="bit-widths of the shipped .qmb models to time ('' none)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-infer", action="store_true", help="time training steps only")
+    p.add_argument("--pair", action="store_true", help="two copies side by side, one thread each")
+    p.add_argument("--profile", default="", help="profile one training step of this case instead")
+    args = p.parse_args()
+
+    if args.pair:
+        cmd = [sys.executable, __file__, "--threads", "1", "--no-infer", "--packed", "",
+               "--repeats", str(args.repeats), "--bits", str(args.bits), "--batch", str(args.batch),
+               "--lr-size", str(args.lr_size), "--scale", str(args.scale), "--methods", args.methods,
+               "--quant-kernels", args.quant_kernels]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        for i, proc in enumerate(procs):
+            out, _ = proc.communicate()
+            print(f"== copy {i + 1} of 2 (side by side, 1 thread each)\n{out}")
+        return
+
+    from qmambair.train.trainer import set_threads
+
+    set_threads(args.threads)
+    if args.profile:
+        profile(args, args.profile)
+        return
+    train_cases, infer_cases = build_cases(args)
+    machine = f"{args.threads} thread(s), torch {torch.__version__}"
+    print(f"light ×{args.scale}, W{args.bits}A{args.bits}, batch {args.batch}, "
+          f"LR {args.lr_size}×{args.lr_size}; {args.repeats} repeats, interleaved; {machine}\n")
+    print(table("training step", run_interleaved(train_cases, args.repeats)))
+    if not args.no_infer:
+        print(f"\ninference: one {args.infer_size}×{args.infer_size} LR image, no grad, eval mode\n")
+        print(table("inference", run_interleaved(infer_cases, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The fused quantizer kernels (qmambair.quant.fused) against the eager quantizers, their oracle.
+
+Every case runs the same quantizer (same parameters) once on the eager path and once on the fused path and
+compares the output (bit for bit: the kernels repeat the eager float32 operations) and the gradients of the
+input and of every quantizer parameter (float round-off: the kernels sum in a different order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qmambair.quant import DLS, LSQ, RFA, ActQuant, LSQWeight
+from qmambair.quant.fused import ENV_VAR, quant_kernels, use_fused
+
+pytest.importorskip("numba")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _run(q: torch.nn.Module, x: torch.Tensor, mode: str, upstream: torch.Tensor):
+    q.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    with quant_kernels(mode):
+        y = q(x)
+        (y * upstream).sum().backward()
+    params = {name: None if p.grad is None else p.grad.clone() for name, p in q.named_parameters()}
+    return y.detach(), x.grad.clone(), params
+
+
+def assert_fused_matches_eager(q: torch.nn.Module, x: torch.Tensor, rtol: float = 2e-5) -> None:
+    q.train()
+    with torch.no_grad(), quant_kernels("eager"):
+        q(x)  # first-batch initialisation, identical for both runs
+    upstream = torch.randn(x.shape, generator=_gen(1))
+    y_e, gx_e, p_e = _run(q, x, "eager", upstream)
+    y_f, gx_f, p_f = _run(q, x, "fused", upstream)
+    assert torch.equal(y_e, y_f), f"forward differs by {(y_e - y_f).abs().max().item()}"
+    # round-off of a sum over the tensor (DLS's min/max elements and every parameter gradient are such
+    # sums): the eager float32 sum carries ~1e-7 of the summed magnitudes, so an exactly-zero gradient comes
+    # out of it as noise of that size
+    noise = 1e-7 * upstream.abs().sum().item()
+    assert torch.all((gx_e - gx_f).abs() <= 1e-5 * gx_e.abs() + noise)
+    noise *= 2 ** (q.bits - 1)  # a step's gradient sums codes up to 2^(b-1) times the upstream
+    assert p_e.keys() == p_f.keys()
+    for name in p_e:
+        if p_e[name] is None:
+            assert p_f[name] is None or not p_f[name].any(), name
+            continue
+        ref, got = p_e[name], p_f[name]
+        tol = rtol * ref.abs().max().item() + noise
+        assert (ref - got).abs().max().item() <= tol, f"d{name}: {ref} vs {got}"
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    g = _gen(0)
+    outlier = torch.randn(4, 30, 17, 9, generator=g) * 2 + 0.3
+    outlier[0, 0, 0, 0] = 60.0
+    outlier[3, 2, 1, 0] = -45.0
+    return {
+        "gaussian": torch.randn(2, 8, 16, 16, generator=g),
+        "outliers": outlier,
+        "all_negative": -torch.rand(3, 700, generator=g) - 1.0,
+        "batch1": torch.randn(1, 5, 33, generator=g) * 0.01,
+        "large": torch.randn(2, 3, 20000, generator=g),  # several kernel chunks per group
+        "constant": torch.full((3, 5, 4), 0.7),
+        "one_element": torch.tensor([0.3]),
+        "ties": torch.tensor([[0.0, 1.0, 1.0, -2.0, -2.0, 0.5, 1.0, -2.0]]),
+    }
+
+
+ACT_QUANTIZERS = {
+    "ActQuant": ActQuant,
+    "LSQ": LSQ,
+    "LSQWeight": lambda b: LSQWeight(b),
+    "DLS": DLS,
+    "DLS-per-sample": lambda b: DLS(b, per_sample=True),
+    "DLS-sigma1": lambda b: DLS(b, sigma_init=1.0),
+}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", sorted(ACT_QUANTIZERS))
+@pytest.mark.parametrize("data", sorted(tensors()))
+def test_fused_activation_quantizers_match_eager(kind, bits, data):
+    x = tensors()[data]
+    q = ACT_QUANTIZERS[kind](bits)
+    assert_fused_matches_eager(q, x)
+
+
+def test_fused_dls_with_learned_parameters_and_ties_on_the_clip_bounds():
+    # v and w away from their init: the offset uses σ, min and max, and the step all four statistics
+    x = tensors()["ties"].repeat(3, 5)
+    x[0, 0] = 7.0
+    for per_sample in (False, True):
+        q = DLS(3, per_sample=per_sample)
+        with torch.no_grad():
+            q.v.copy_(torch.tensor([-0.8, 0.1, -0.05, 0.02]))
+            q.w.copy_(torch.tensor([0.3, 0.5, -0.02, 0.04]))
+        assert_fused_matches_eager(q, x)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("anchors", ["grid", "moved", "crossed"])
+def test_fused_rfa_matches_eager(bits, anchors):
+    w = torch.randn(24, 60, generator=_gen(2)) * 0.05
+    w[0, 0] = 0.9  # far outside the grid
+    q = RFA(bits)
+    if anchors != "grid":
+        with torch.no_grad():
+            shift = torch.rand(q.anchors.shape, generator=_gen(3)) * 0.6 - 0.3
+            q.anchors.add_(shift)
+            if anchors == "crossed":  # the ordering projection is active
+                q.anchors[1] = q.anchors[0] - 0.5
+        with torch.no_grad(), quant_kernels("eager"):
+            q(w)
+        q.beta.data.fill_(0.01)
+    assert_fused_matches_eager(q, w)
+
+
+def test_fused_path_is_taken_for_float32_cpu_only(monkeypatch):
+    x32, x64 = torch.randn(10), torch.randn(10, dtype=torch.float64)
+    assert use_fused(x32) and not use_fused(x64)
+    with quant_kernels("eager"):
+        assert not use_fused(x32)
+    monkeypatch.setenv(ENV_VAR, "eager")
+    assert not use_fused(x32)
+    with quant_kernels("fused"):
+        assert use_fused(x32)
+    monkeypatch.setenv(ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        use_fused(x32)
+    with pytest.raises(ValueError, match="mode"):
+        with quant_kernels("fast"):
+            pass
+
+
+def test_fused_kernels_are_called_on_the_fused_path(monkeypatch):
+    from qmambair.quant import fused
+
+    calls = []
+    real = fused._affine_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "_affine_forward", spy)
+    x = torch.randn(50)
+    q = ActQuant(4).train()
+    with quant_kernels("eager"):
+        q(x)
+    assert not calls
+    with quant_kernels("fused"):
+        q(x)
+    assert calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_take_the_eager_path_and_agree_with_cpu():
+    x = torch.randn(4, 100, generator=_gen(4))
+    q = DLS(2)
+    y_cpu = q(x)
+    y_gpu = q.cuda()(x.cuda())
+    assert not use_fused(x.cuda())
+    assert torch.allclose(y_cpu, y_gpu.cpu(), atol=1e-6)
+
+
+def test_fused_results_do_not_depend_on_the_thread_count():
+    import numba
+
+    x = torch.randn(3, 50000, generator=_gen(5)) * 3
+    upstream = torch.randn(x.shape, generator=_gen(6))
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(threads)
+            q = DLS(2, per_sample=True)
+            results.append(_run(q, x, "fused", upstream))
+    finally:
+        numba.set_num_threads(before)
+    (y1, g1, p1), (y2, g2, p2) = results
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+
+
+def _counting(q: torch.nn.Module) -> list[int]:
+    calls: list[int] = []
+    real = q.quantize
+
+    def quantize(w):
+        calls.append(1)
+        return real(w)
+
+    q.quantize = quantize
+    return calls
+
+
+def test_eval_mode_quantizes_a_weight_once_until_something_changes():
+    weight = torch.nn.Parameter(torch.randn(12, 8, generator=_gen(7)) * 0.1)
+    q = RFA(3)
+    q.train()(weight)  # first training call initialises α
+    q.eval()
+    calls = _counting(q)
+    with torch.no_grad():
+        first = q(weight)
+        assert q(weight) is first and len(calls) == 1
+        weight.add_(0.05)  # an in-place update (what optimiser steps do)
+        second = q(weight)
+        assert len(calls) == 2 and not torch.equal(first, second)
+        q.load_state_dict({k: v.clone() for k, v in q.state_dict().items()})  # copies in place
+        q(weight)
+        assert len(calls) == 3
+    opt = torch.optim.SGD([weight, *q.parameters()], lr=0.1)
+    with torch.enable_grad():
+        out = q(weight)  # a graph is wanted: computed, not cached
+        assert out.grad_fn is not None and len(calls) == 4
+        out.sum().backward()
+    opt.step()
+    with torch.no_grad():
+        third = q(weight)
+        assert len(calls) == 5 and torch.equal(third, q.quantize(weight))
+        q.train()
+        q.eval()
+        q(weight)
+        assert len(calls) == 7  # train() dropped the cache (and the direct call above counted once)
+
+
+def test_a_packed_model_decodes_its_codes_once(tmp_path):
+    from qmambair.loading import load_model
+    from qmambair.quant.pack import frozen_codes, quantized_weights
+
+    model = load_model("light-sr-x4-qmambair-w2a2")
+    key, wq, weight = quantized_weights(model)[0]
+    codes, scale, offset = frozen_codes(wq)
+    first = wq(weight)
+    assert wq(weight) is first  # the decoded weight is stored, not recomputed per call
+    assert torch.equal(first, scale * codes.float() - offset)
