@@ -29,7 +29,7 @@ class ActQuant(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qn, qp = self.qn, self.qp
-        s = grad_scale(self.step, lsq_grad_factor(x.numel(), qp)).clamp_min(MIN_STEP)
         if use_fused(x):
-            return affine_quant(x, s, self.offset, qn, qp)
+            return affine_quant(x, self.step, self.offset, qn, qp, MIN_STEP, lsq_grad_factor(x.numel(), qp))
+        s = grad_scale(self.step, lsq_grad_factor(x.numel(), qp)).clamp_min(MIN_STEP)
         return s * round_ste(torch.clamp((x + self.offset) / s, qn, qp)) - self.offset

@@ -34,9 +34,10 @@ class LSQ(Quantizer):
         return grad_scale(self.step, lsq_grad_factor(x.numel(), self.qp)).clamp_min(MIN_STEP)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        s = self._step(x)
         if use_fused(x):
-            return affine_quant(x, s, None, self.qn, self.qp)
+            g = lsq_grad_factor(x.numel(), self.qp)
+            return affine_quant(x, self.step, None, self.qn, self.qp, MIN_STEP, g)
+        s = self._step(x)
         return s * round_ste(torch.clamp(x / s, self.qn, self.qp))
 
 

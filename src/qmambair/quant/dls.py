@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Quantizer, grad_scale, lsq_grad_factor, round_ste, ste_clamp
-from .fused import dls_quant, group_stats, use_fused
+from .fused import DLSConsts, dls_quant, group_stats, use_fused
 
 MIN_DELTA = 1e-6  # the lower bound of the step (docs/method.md §3.3)
 VAR_FLOOR = 1e-12  # sqrt is not differentiable at 0: a constant tensor would give NaN gradients
@@ -98,7 +98,9 @@ class DLS(Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(self._groups(x), -1)
         if use_fused(x2):
-            return dls_quant(x2, self._scalars(x), self.qn, self.qp, self.v, self.w).reshape(x.shape)
+            consts = DLSConsts(self.bits, self.qn, self.qp, lsq_grad_factor(x2.shape[1], self.qp), VAR_FLOOR,
+                               MIN_DELTA)
+            return dls_quant(x2, self.v, self.w, consts).reshape(x.shape)
         return self.quantize_eager(x)
 
     def quantize_eager(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """Fused fake quantization: each quantizer's forward and backward as a few numba passes (``kernels``).
 
-The eager quantizers build their output from a dozen tensor-wide torch operations and let autograd record
-each; a training step of a quantized MambaIR then runs tens of thousands of small operations. Here each
-fake-quant is one pass for its statistics (DLS: ``torch.var_mean`` and ``torch.aminmax``), one for the codes
-and one or two for the backward, as a ``torch.autograd.Function``. The scalar part (DLS's step and offset from
-the statistics, LSQ's gradient scale, RFA's ordered anchors) stays in torch on tiny tensors, so autograd
-still carries gradients into every quantizer parameter.
+The eager quantizers build their output from a dozen tensor-wide torch operations plus a dozen on scalars,
+and autograd records each; a training step of a quantized light MambaIR then ran ~50,000 small operations.
+Here each fake-quant is one ``torch.autograd.Function``: one pass for DLS's statistics, one for the codes,
+one or two for the backward. The scalar part (DLS's step and offset from the statistics, LSQ's gradient
+scale and step floor, RFA's ordered anchors) is computed with numpy in float32 in the eager expression's
+operation order, so the forward output is bit-identical to the eager quantizer; its backward is written out
+by hand (in float64) and returns the gradient of every quantizer parameter.
 
 Which path runs: ``QMAMBAIR_QUANT=eager|fused|auto`` (default auto), or ``with quant_kernels("eager"):`` in
 code. ``auto`` takes the fused path for float32 CPU tensors when numba imports, and the eager path otherwise
-(CUDA tensors, float64 — the eager path is the oracle the fused one is tested against).
+(CUDA tensors, float64). The eager path is the oracle the fused one is tested against
+(``tests/test_fused_quant.py``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 ENV_VAR = "QMAMBAIR_QUANT"
 MODES = ("auto", "eager", "fused")
+F32 = np.float32
 _override: list[str] = []
 
 
@@ -63,85 +67,106 @@ def use_fused(x: torch.Tensor) -> bool:
     mode = _mode()
     if mode == "eager":
         return False
-    ok = x.device.type == "cpu" and x.dtype == torch.float32 and _kernels() is not None
-    if mode == "fused" and not ok and x.device.type == "cpu" and x.dtype == torch.float32:
-        raise RuntimeError(f"{ENV_VAR}=fused but the numba kernels are not available")
-    return ok
+    eligible = x.device.type == "cpu" and x.dtype == torch.float32
+    if eligible and _kernels() is None:
+        if mode == "fused":
+            raise RuntimeError(f"{ENV_VAR}=fused but the numba kernels are not available")
+        return False
+    return eligible
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def _vec(t: torch.Tensor | float, groups: int) -> np.ndarray:
-    """A per-group float32 vector from a scalar or a (groups,)-shaped tensor."""
-    if isinstance(t, torch.Tensor):
-        return np.ascontiguousarray(_np(t.reshape(-1)).astype(np.float32, copy=False)).repeat(
-            groups if t.numel() == 1 else 1
-        )
-    return np.full(groups, t, dtype=np.float32)
+def _f32(value, groups: int) -> np.ndarray:
+    """A (groups,) float32 vector from a number or an array of one or ``groups`` values."""
+    arr = np.asarray(value, dtype=F32).reshape(-1)
+    return np.ascontiguousarray(np.broadcast_to(arr, (groups,)))
 
 
 def _needs_graph(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+class _NoCtx:
+    """Stands in for autograd's ctx when a forward runs without a graph."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        pass
+
+
 # ------------------------------------------------------------------------------------------ affine map
 def _affine_forward(x2: torch.Tensor, step, offset, lo, hi, qn: float, qp: float) -> torch.Tensor:
+    """The affine fake-quant of each row of ``x2`` (G, n) with per-row float32 scalars."""
     groups = x2.shape[0]
     out = torch.empty_like(x2)
-    _kernels().affine_forward(_np(x2), _vec(step, groups), _vec(offset, groups), _vec(lo, groups),
-                              _vec(hi, groups), float(qn), float(qp), _np(out))
+    _kernels().affine_forward(_np(x2), _f32(step, groups), _f32(offset, groups), _f32(lo, groups),
+                              _f32(hi, groups), float(qn), float(qp), _np(out))
     return out
 
 
 def _affine_backward(x2: torch.Tensor, grad: torch.Tensor, step, offset, lo, hi, qn: float, qp: float):
-    """(grad_x, per-group sums (G, SUMS) as float64 numpy)."""
+    """(grad_x, per-group sums (G, SUMS) in float64)."""
     k = _kernels()
     groups, n = x2.shape
     per_group, total = k.chunk_layout(groups, n)
     grad_x = torch.empty_like(x2)
     partial = np.zeros((total, k.SUMS), np.float64)
-    k.affine_backward(_np(x2), _np(grad.contiguous().reshape(x2.shape)), _vec(step, groups),
-                      _vec(offset, groups), _vec(lo, groups), _vec(hi, groups), float(qn), float(qp),
+    k.affine_backward(_np(x2), _np(grad.contiguous().reshape(x2.shape)), _f32(step, groups),
+                      _f32(offset, groups), _f32(lo, groups), _f32(hi, groups), float(qn), float(qp),
                       _np(grad_x), partial)
     return grad_x, partial.reshape(groups, per_group, k.SUMS).sum(axis=1)
 
 
+def _floor_step(step: torch.Tensor, floor: float) -> np.float32:
+    """max(step, floor) in float32: the value of ``grad_scale(step, g).clamp_min(floor)``."""
+    return max(F32(step.item()), F32(floor))
+
+
+def _scale_grad(total: float, step: torch.Tensor, floor: float, gscale: float) -> torch.Tensor:
+    """Gradient reaching ``step`` through ``grad_scale(step, gscale).clamp_min(floor)``."""
+    passes = F32(step.item()) >= F32(floor)
+    return torch.tensor(total * gscale if passes else 0.0, dtype=step.dtype)
+
+
 class _AffineQuant(torch.autograd.Function):
-    """y = step·round(clip((x + offset)/step, qn, qp)) − offset with 0-d step and offset (ActQuant, LSQ)."""
+    """s·round(clip((x + b)/s, qn, qp)) − b, s = max(step, floor) with LSQ's gradient scale, b = offset."""
 
     @staticmethod
-    def forward(ctx, x, step, offset, qn, qp):
+    def forward(ctx, x, step, offset, qn, qp, floor, gscale):
         x2 = x.reshape(1, -1)
-        ctx.save_for_backward(x2, step, offset)
-        ctx.bounds = (qn, qp)
-        return _affine_forward(x2, step, offset, -np.inf, np.inf, qn, qp).reshape(x.shape)
+        s = _floor_step(step, floor)
+        b = F32(offset.item()) if offset is not None else F32(0.0)
+        ctx.save_for_backward(x2, step)
+        ctx.consts = (s, b, qn, qp, floor, gscale)
+        return _affine_forward(x2, s, b, -np.inf, np.inf, qn, qp).reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x2, step, offset = ctx.saved_tensors
-        grad_x, sums = _affine_backward(x2, grad, step, offset, -np.inf, np.inf, *ctx.bounds)
-        d_step = torch.tensor(sums[0, 0], dtype=step.dtype) if ctx.needs_input_grad[1] else None
-        d_offset = torch.tensor(sums[0, 1], dtype=offset.dtype) if ctx.needs_input_grad[2] else None
-        return grad_x.reshape(grad.shape), d_step, d_offset, None, None
+        x2, step = ctx.saved_tensors
+        s, b, qn, qp, floor, gscale = ctx.consts
+        grad_x, sums = _affine_backward(x2, grad, s, b, -np.inf, np.inf, qn, qp)
+        d_step = _scale_grad(float(sums[0, 0]), step, floor, gscale) if ctx.needs_input_grad[1] else None
+        d_offset = torch.tensor(sums[0, 1], dtype=x2.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x.reshape(grad.shape), d_step, d_offset, None, None, None, None
 
 
-def affine_quant(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, qn: float,
-                 qp: float) -> torch.Tensor:
-    """Fused ``step·round_ste(clip((x + offset)/step, qn, qp)) − offset`` (0-d ``step``/``offset``)."""
-    if offset is None:
-        offset = torch.zeros((), dtype=x.dtype)
+def affine_quant(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | None, qn: float, qp: float,
+                 floor: float, gscale: float) -> torch.Tensor:
+    """Fused ``s·round_ste(clip((x + offset)/s, qn, qp)) − offset``, s = grad_scale(step, gscale) floored.
+
+    ``step`` and ``offset`` are 0-d parameters (offset None: 0). Value and gradients are those of the eager
+    expression of ActQuant and LSQ.
+    """
     x = x.contiguous()
-    if _needs_graph(x, step, offset):
-        return _AffineQuant.apply(x, step, offset, qn, qp)
-    return _affine_forward(x.reshape(1, -1), step, offset, -np.inf, np.inf, qn, qp).reshape(x.shape)
+    if _needs_graph(x, step, *([] if offset is None else [offset])):
+        return _AffineQuant.apply(x, step, offset, qn, qp, floor, gscale)
+    with torch.no_grad():
+        return _AffineQuant.forward(_NoCtx(), x, step, offset, qn, qp, floor, gscale)
 
 
 # ------------------------------------------------------------------------------------------------ DLS
-Scalars = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
 def group_stats(
     x2: torch.Tensor, fused: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -160,125 +185,169 @@ def group_stats(
         else:
             var, mean = None, x2.mean(dim=1, keepdim=True)
         return mean, var, x2.amin(dim=1, keepdim=True), x2.amax(dim=1, keepdim=True)
+    stats = _stats_np(x2)
+    mean, var, lo, hi = (None if a is None else torch.from_numpy(a).reshape(groups, 1) for a in stats)
+    return mean, var, lo, hi
+
+
+def _stats_np(x2: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Float32 (G,) mean, variance (None for n = 1), min, max of each row, from one numba pass."""
     k = _kernels()
+    groups, n = x2.shape
     per_group, total = k.chunk_layout(groups, n)
     partial = np.empty((total, 4), np.float64)
     xn = _np(x2)
     k.group_sums(xn, partial)
     parts = partial.reshape(groups, per_group, 4)
     s1, s2 = parts[:, :, 0].sum(axis=1), parts[:, :, 1].sum(axis=1)
-    shift = xn[:, 0].astype(np.float64)
-    mean = torch.from_numpy((shift + s1 / n).astype(np.float32)).reshape(groups, 1)
-    var = None
-    if n > 1:
-        var = torch.from_numpy(np.maximum((s2 - s1 * s1 / n) / (n - 1), 0.0).astype(np.float32))
-        var = var.reshape(groups, 1)
-    lo = torch.from_numpy(parts[:, :, 2].min(axis=1).astype(np.float32)).reshape(groups, 1)
-    hi = torch.from_numpy(parts[:, :, 3].max(axis=1).astype(np.float32)).reshape(groups, 1)
-    return mean, var, lo, hi
+    mean = (xn[:, 0].astype(np.float64) + s1 / n).astype(F32)
+    var = np.maximum((s2 - s1 * s1 / n) / (n - 1), 0.0).astype(F32) if n > 1 else None
+    return mean, var, parts[:, :, 2].min(axis=1).astype(F32), parts[:, :, 3].max(axis=1).astype(F32)
+
+
+class DLSConsts(NamedTuple):
+    """What DLS's scalar map needs besides the statistics and (v, w)."""
+
+    bits: int
+    qn: float
+    qp: float
+    gscale: float  # LSQ gradient scale of the step
+    var_floor: float
+    min_delta: float
+
+
+def _dls_scalars(mean, var, lo, hi, v, w, c: DLSConsts) -> dict[str, np.ndarray]:
+    """DLS's step and offset per group (float32, in the eager expression's operation order), with the
+    intermediate values the backward needs."""
+    sigma = np.sqrt(np.maximum(var, F32(c.var_floor))) if var is not None else np.zeros_like(mean)
+    beta = v[0] * mean + v[1] * sigma + v[2] * lo + v[3] * hi
+    t_mu, t_lo, t_hi = mean + beta, lo + beta, hi + beta
+    pre = w[0] * np.abs(t_mu) + w[1] * sigma + w[2] * t_lo + w[3] * t_hi
+    raw = np.abs(pre)
+    floored = np.maximum(raw, F32(c.min_delta))
+    cap = np.maximum((hi - lo) / F32(2**c.bits), F32(1e-12))
+    return dict(mean=mean, lo=lo, hi=hi, sigma=sigma, beta=beta, t_mu=t_mu, t_lo=t_lo, t_hi=t_hi, pre=pre,
+                raw=raw, floored=floored, cap=cap, delta=np.minimum(floored, cap))
+
+
+def _dls_scalar_grads(s: dict[str, np.ndarray], var, v, w, g_delta, g_beta, c: DLSConsts):
+    """Backward of ``_dls_scalars`` in float64: (g_mean, g_var, g_lo, g_hi, g_v, g_w).
+
+    Mirrors autograd on the eager graph: torch.minimum splits the gradient on a tie, clamp_min passes it
+    where the input is >= the floor, abs has gradient sign(x) (0 at 0), grad_scale multiplies it by the
+    LSQ factor, the cap is detached, sqrt(max(var, floor)) passes where var >= floor.
+    """
+    d = {k: a.astype(np.float64) for k, a in s.items()}
+    v64, w64 = v.astype(np.float64), w.astype(np.float64)
+    g_floored = g_delta * np.where(s["floored"] < s["cap"], 1.0, np.where(s["floored"] == s["cap"], 0.5, 0.0))
+    g_pre = g_floored * (s["raw"] >= F32(c.min_delta)) * c.gscale * np.sign(d["pre"])
+    g_w = np.array([np.sum(g_pre * np.abs(d["t_mu"])), np.sum(g_pre * d["sigma"]),
+                    np.sum(g_pre * d["t_lo"]), np.sum(g_pre * d["t_hi"])])
+    g_tmu = g_pre * w64[0] * np.sign(d["t_mu"])
+    g_tlo, g_thi = g_pre * w64[2], g_pre * w64[3]
+    g_b = g_beta + g_tmu + g_tlo + g_thi  # β enters x̃'s statistics and the output directly
+    g_v = np.array([np.sum(g_b * d[k]) for k in ("mean", "sigma", "lo", "hi")])
+    g_sigma = g_pre * w64[1] + g_b * v64[1]
+    if var is None:
+        g_var = np.zeros_like(g_sigma)
+    else:
+        g_var = np.where(var >= F32(c.var_floor), g_sigma / (2.0 * d["sigma"]), 0.0)
+    return g_tmu + g_b * v64[0], g_var, g_tlo + g_b * v64[2], g_thi + g_b * v64[3], g_v, g_w
 
 
 class _DLSQuant(torch.autograd.Function):
-    """DLS on a (G, n) view: statistics per row, ``scalars(mean, var, lo, hi, *params) -> (Δ, β)``."""
+    """DLS on the rows of a (G, n) view: per-row statistics, step and offset from (v, w)."""
 
     @staticmethod
-    def forward(ctx, x2, scalars, qn, qp, *params):
-        mean, var, lo, hi = group_stats(x2, fused=True)
-        delta, beta = scalars(mean, var, lo, hi, *params)
-        ctx.save_for_backward(x2, mean, lo, hi, *([] if var is None else [var]), *params)
-        ctx.has_var, ctx.n_params = var is not None, len(params)
-        ctx.scalars, ctx.bounds = scalars, (qn, qp)
-        return _affine_forward(x2, delta, beta, lo, hi, qn, qp)
+    def forward(ctx, x2, v, w, consts):
+        mean, var, lo, hi = _stats_np(x2)
+        s = _dls_scalars(mean, var, lo, hi, _np(v), _np(w), consts)
+        ctx.save_for_backward(x2, v, w)
+        ctx.scalars, ctx.var, ctx.consts = s, var, consts
+        return _affine_forward(x2, s["delta"], s["beta"], lo, hi, consts.qn, consts.qp)
 
     @staticmethod
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        x2, mean, lo, hi = saved[:4]
-        var = saved[4] if ctx.has_var else None
-        params = saved[len(saved) - ctx.n_params :]
-        groups, n = x2.shape
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(True) for t in (mean, lo, hi)]
-            var_leaf = var.detach().requires_grad_(True) if var is not None else None
-            p_leaves = [p.detach().requires_grad_(p.requires_grad) for p in params]
-            delta, beta = ctx.scalars(leaves[0], var_leaf, leaves[1], leaves[2], *p_leaves)
-        grad_x, sums = _affine_backward(x2, grad, delta.detach(), beta.detach(), lo, hi, *ctx.bounds)
-        sums_t = torch.from_numpy(sums).to(x2.dtype)
-        inputs = leaves + ([var_leaf] if var_leaf is not None else [])
-        inputs += [p for p in p_leaves if p.requires_grad]
-        grads = torch.autograd.grad((delta, beta), inputs,
-                                    (sums_t[:, 0:1].reshape(delta.shape), sums_t[:, 1:2].reshape(beta.shape)),
-                                    allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
-        g_mean, g_lo, g_hi = grads[0], grads[1], grads[2]
-        g_var = grads[3] if var_leaf is not None else torch.zeros_like(g_mean)
-        count_lo, count_hi = sums_t[:, 4:5].clamp_min(1), sums_t[:, 5:6].clamp_min(1)
-        g_lo = (g_lo + sums_t[:, 2:3]) / count_lo
-        g_hi = (g_hi + sums_t[:, 3:4]) / count_hi
-        _kernels().stats_backward(
-            _np(x2), _np(grad_x), _vec(mean, groups), _np(g_mean.double().reshape(-1)),
-            _np(g_var.double().reshape(-1)), _vec(lo, groups), _vec(g_lo, groups), _vec(hi, groups),
-            _vec(g_hi, groups), n,
-        )
-        p_grads = iter(grads[4 if var_leaf is not None else 3 :])
-        param_grads = [next(p_grads) if p.requires_grad else None for p in p_leaves]
-        return (grad_x, None, None, None, *param_grads)
+        x2, v, w = ctx.saved_tensors
+        s, var, c = ctx.scalars, ctx.var, ctx.consts
+        n = x2.shape[1]
+        grad_x, sums = _affine_backward(x2, grad, s["delta"], s["beta"], s["lo"], s["hi"], c.qn, c.qp)
+        g_mean, g_var, g_lo, g_hi, g_v, g_w = _dls_scalar_grads(s, var, _np(v), _np(w), sums[:, 0],
+                                                                sums[:, 1], c)
+        g_lo = (g_lo + sums[:, 2]) / np.maximum(sums[:, 4], 1.0)  # min/max share among tied elements
+        g_hi = (g_hi + sums[:, 3]) / np.maximum(sums[:, 5], 1.0)
+        _kernels().stats_backward(_np(x2), _np(grad_x), s["mean"], g_mean, g_var, s["lo"], g_lo.astype(F32),
+                                  s["hi"], g_hi.astype(F32), n)
+        return (grad_x, torch.from_numpy(g_v).to(v.dtype), torch.from_numpy(g_w).to(w.dtype), None)
 
 
-def dls_quant(
-    x2: torch.Tensor, scalars: Scalars, qn: float, qp: float, *params: torch.Tensor
-) -> torch.Tensor:
-    """Fused DLS over the rows of ``x2`` (G, n); ``scalars`` maps the statistics and ``params`` to (Δ, β)."""
+def dls_quant(x2: torch.Tensor, v: torch.Tensor, w: torch.Tensor, consts: DLSConsts) -> torch.Tensor:
+    """Fused DLS over the rows of ``x2`` (G, n) with its parameters ``v``, ``w`` (value and gradients of
+    the eager ``DLS.quantize_eager``)."""
     x2 = x2.contiguous()
-    if _needs_graph(x2, *params):
-        return _DLSQuant.apply(x2, scalars, qn, qp, *params)
-    mean, var, lo, hi = group_stats(x2, fused=True)
-    delta, beta = scalars(mean, var, lo, hi, *params)
-    return _affine_forward(x2, delta, beta, lo, hi, qn, qp)
+    if _needs_graph(x2, v, w):
+        return _DLSQuant.apply(x2, v, w, consts)
+    with torch.no_grad():
+        return _DLSQuant.forward(_NoCtx(), x2, v, w, consts)
 
 
 # ------------------------------------------------------------------------------------------------ RFA
+def _ordered(points: np.ndarray, gap: float) -> tuple[np.ndarray, np.ndarray]:
+    """``rfa.order_with_gap`` in float32: (lifted points, index of the point each one's value comes from).
+
+    e_i − i·gap = cummax_{j<=i}(p_j − j·gap); the running maximum moves to a later index on ties, as
+    torch.cummax does.
+    """
+    ramp = np.arange(points.shape[0], dtype=F32) * F32(gap)
+    shifted = points - ramp
+    out, src = np.empty_like(points), np.empty(points.shape[0], np.int64)
+    best, at = -np.inf, 0
+    for i, value in enumerate(shifted):
+        if value >= best:
+            best, at = value, i
+        src[i] = at
+        out[i] = points[i] if at == i else F32(best) + ramp[i]
+    return out, src
+
+
 class _RFAQuant(torch.autograd.Function):
+    """RFA: α·(Qn + #{i : u > t_i}) − β, backward through the surrogate ŝ and the anchor ordering."""
+
     @staticmethod
-    def forward(ctx, w, alpha, beta, anchors, qn, qp, outer_slope):
+    def forward(ctx, w, alpha, beta, anchors, qn, qp, floor, gscale, gap, outer_slope):
         flat = w.reshape(-1)
-        a = _np(anchors).astype(np.float32)
-        thresholds = ((a[:-1] + a[1:]) / np.float32(2)).astype(np.float32)
+        a = _floor_step(alpha, floor)
+        b = F32(beta.item())
+        knots, src = _ordered(_np(anchors).astype(F32), gap)
+        thresholds = (knots[:-1] + knots[1:]) / F32(2)
         out = torch.empty_like(flat)
-        _kernels().rfa_forward(_np(flat), np.float32(alpha.item()), np.float32(beta.item()), thresholds,
-                               float(qn), float(qp), _np(out))
-        ctx.save_for_backward(flat, alpha, beta, anchors)
-        ctx.consts = (thresholds, qn, qp, outer_slope)
+        _kernels().rfa_forward(_np(flat), a, b, thresholds, float(qn), float(qp), _np(out))
+        ctx.save_for_backward(flat, alpha)
+        ctx.consts = (a, b, knots, src, thresholds, qn, qp, floor, gscale, outer_slope)
         return out.reshape(w.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        flat, alpha, beta, anchors = ctx.saved_tensors
-        thresholds, qn, qp, outer_slope = ctx.consts
+        flat, alpha = ctx.saved_tensors
+        a, b, knots, src, thresholds, qn, qp, floor, gscale, outer_slope = ctx.consts
         k = _kernels()
-        n = flat.shape[0]
-        chunks = max(1, -(-n // k.CHUNK))
-        partial = np.zeros((chunks, 2 + anchors.numel()), np.float64)
+        chunks = max(1, -(-flat.shape[0] // k.CHUNK))
+        partial = np.zeros((chunks, 2 + knots.shape[0]), np.float64)
         grad_w = torch.empty_like(flat)
-        k.rfa_backward(_np(flat), _np(grad.contiguous().reshape(-1)), np.float32(alpha.item()),
-                       np.float32(beta.item()), thresholds, _np(anchors).astype(np.float32), float(qn),
+        k.rfa_backward(_np(flat), _np(grad.contiguous().reshape(-1)), a, b, thresholds, knots, float(qn),
                        float(qp), float(outer_slope), _np(grad_w), partial)
-        sums = torch.from_numpy(partial.sum(axis=0)).to(flat.dtype)
-        return grad_w.reshape(grad.shape), sums[0], sums[1], sums[2:], None, None, None
+        sums = partial.sum(axis=0)
+        g_anchors = np.bincount(src, weights=sums[2:], minlength=knots.shape[0])
+        return (grad_w.reshape(grad.shape), _scale_grad(float(sums[0]), alpha, floor, gscale),
+                torch.tensor(sums[1], dtype=flat.dtype), torch.from_numpy(g_anchors).to(flat.dtype),
+                None, None, None, None, None, None)
 
 
 def rfa_quant(w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, anchors: torch.Tensor, qn: float,
-              qp: float, outer_slope: float) -> torch.Tensor:
-    """Fused RFA: α·(Qn + #{i : u > t_i}) − β with ŝ's gradient (``anchors`` already ordered, 0-d α, β)."""
+              qp: float, floor: float, gscale: float, gap: float, outer_slope: float) -> torch.Tensor:
+    """Fused RFA from its raw parameters (0-d α, β; unordered anchors), as ``RFA.quantize`` eagerly."""
     w = w.contiguous()
     if _needs_graph(w, alpha, beta, anchors):
-        return _RFAQuant.apply(w, alpha, beta, anchors, qn, qp, outer_slope)
+        return _RFAQuant.apply(w, alpha, beta, anchors, qn, qp, floor, gscale, gap, outer_slope)
     with torch.no_grad():
-        return _RFAQuant.forward(_NoCtx(), w, alpha, beta, anchors, qn, qp, outer_slope)
-
-
-class _NoCtx:
-    """Stands in for autograd's ctx when the forward runs without a graph."""
-
-    def save_for_backward(self, *tensors: torch.Tensor) -> None:
-        pass
+        return _RFAQuant.forward(_NoCtx(), w, alpha, beta, anchors, qn, qp, floor, gscale, gap, outer_slope)

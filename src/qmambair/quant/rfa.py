@@ -90,10 +90,12 @@ class RFA(WeightQuantizer):
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         qn, qp = self.qn, self.qp
+        if use_fused(w):
+            g = lsq_grad_factor(w.numel(), qp)
+            return rfa_quant(w, self.alpha, self.beta, self.anchors, qn, qp, MIN_STEP, g, self.min_gap,
+                             OUTER_SLOPE)
         alpha = self._scale(w)
         anchors = self.ordered_anchors()
-        if use_fused(w):
-            return rfa_quant(w, alpha, self.beta, anchors, qn, qp, OUTER_SLOPE)
         u = torch.clamp((w + self.beta) / alpha, qn, qp)
         q = qn + count_above(u, (anchors[:-1] + anchors[1:]) / 2).to(w.dtype)
         s = piecewise_linear(u, anchors, qn, OUTER_SLOPE)
