@@ -1,0 +1,108 @@
+"""``qmambair test``: a model on benchmark folders (``qmambair.eval.testset``; docs/evaluation.md §5.4)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def run_test(args: argparse.Namespace) -> int:
+    """Score the model on every folder, print the table per set, write the CSV; returns the exit code."""
+    from tqdm import tqdm
+
+    from ..eval.testset import (
+        check_outputs,
+        find_test_sets,
+        format_table,
+        model_degradation,
+        score_test_set,
+        write_scores_csv,
+    )
+    from ..train.trainer import set_threads
+    from ..train.validate import metric_settings
+    from .restore import _load
+
+    if args.threads:
+        set_threads(args.threads)
+    model = _load(args.model, args.device)
+    degradation = model_degradation(model, args.scale, args.sigma, args.quality)
+    crop, y_channel = metric_settings(degradation)
+    sets = [s for folder in args.folders for s in find_test_sets(folder, degradation.factor)]
+    csv_path = args.csv or (str(Path(args.out) / "results.csv") if args.out else None)
+    try:
+        check_outputs(sets, args.out, csv_path, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        print(f"qmambair test: error: {exc}", file=sys.stderr)
+        return 1
+    where = f"Y channel, border {crop}" if y_channel else f"all channels, border {crop}"
+    extras = [f"tile {args.tile} ({args.tile_mode})"] if args.tile else []
+    extras += ["x8 self-ensemble"] if args.self_ensemble else []
+    print(f"{args.model}: {degradation}; PSNR/SSIM on {where}" + "".join(f"; {e}" for e in extras))
+    bar = tqdm(total=sum(len(s.pairs) for s in sets), unit="img", file=sys.stderr,
+               disable=True if args.quiet else None)
+    scores = []
+    try:
+        for s in sets:
+            bar.set_description(s.name)
+            scores += score_test_set(
+                model, s, degradation, crop, y_channel, tile=args.tile, tile_mode=args.tile_mode,
+                ensemble=args.self_ensemble, device=args.device, out_dir=args.out, overwrite=args.overwrite,
+                progress=lambda _: bar.update(),
+            )
+    finally:
+        bar.close()
+    print(format_table(scores, {s.name: s.lr_source for s in sets}))
+    if csv_path:
+        write_scores_csv(csv_path, scores, overwrite=args.overwrite)
+        print(f"wrote {csv_path}" + (f" and the restored images under {args.out}" if args.out else ""))
+    return 0
+
+
+def add_test_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``qmambair test``."""
+    p = sub.add_parser(
+        "test",
+        help="score a model on benchmark folders (PSNR/SSIM per image and per set)",
+        description="Restore every image of each benchmark folder with MODEL and score it as the papers do: "
+        "super-resolution on the Y channel with a border of SCALE pixels, colour denoising on RGB and JPEG "
+        "on grey without border. FOLDER is NAME/HR + NAME/LR_bicubic/X<s>, DIV2K_valid_HR + "
+        "DIV2K_valid_LR_bicubic/X<s>, a folder holding several such sets, or a folder of HR images (LR made "
+        "with MATLAB bicubic after modcrop). Denoising and JPEG inputs get the model preset's noise (seed 0 "
+        "per image) or JPEG quality. Prints mean PSNR/SSIM per set; --csv writes one row per image plus a "
+        "mean row per set.",
+    )
+    p.add_argument("folders", nargs="+", metavar="FOLDER", help="benchmark folders")
+    p.add_argument("-m", "--model", required=True, metavar="MODEL",
+                   help="model file (.pth/.safetensors/.qmb), shipped model name or preset name "
+                   "(random weights: tests only)")
+    p.add_argument("--scale", type=_positive, default=None, metavar="S",
+                   help="check that the model super-resolves xS (default: the model's scale)")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="denoising: noise sigma on the 0-255 scale (default: the model's preset)")
+    p.add_argument("--quality", type=int, default=None, help="JPEG: quality (default: the model's preset)")
+    p.add_argument("--tile", type=_positive, default=None, metavar="N",
+                   help="tile size in input pixels (default: whole image at once)")
+    p.add_argument("--tile-mode", choices=("mambair", "blend"), default="mambair",
+                   help="mambair: MambaIR tester tiling, N is its threshold (200 in the paper); "
+                   "blend: N x N tiles blended without seams (default: %(default)s)")
+    p.add_argument("--self-ensemble", action="store_true",
+                   help="average the outputs of the 8 flips/rotations of each input (x8)")
+    p.add_argument("--csv", metavar="FILE",
+                   help="write the scores per image (default with --out: OUT/results.csv)")
+    p.add_argument("--out", metavar="DIR", help="save the restored images as DIR/<set>/<image>.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CSV file or output image")
+    p.add_argument("--threads", type=_positive, default=None, metavar="N", help="CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_test)
