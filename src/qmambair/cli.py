@@ -102,10 +102,11 @@ def _builtin_commands() -> list[Callable[[SubParsers], None]]:
     from .commands.data import add_data_parser
     from .commands.demo import add_demo_parser
     from .commands.export import add_export_parser
+    from .commands.test import add_test_parser
     from .commands.train import add_qat_parser, add_train_parser
 
     return [add_demo_parser, add_restore_parser, add_info_parser, add_data_parser, add_train_parser,
-            add_qat_parser, add_export_parser, add_benchmark_parser]
+            add_qat_parser, add_export_parser, add_benchmark_parser, add_test_parser]
 
 
 COMMANDS: list[Callable[[SubParsers], None]] = _builtin_commands()
