@@ -56,7 +56,7 @@ def format_packed_info(info: dict[str, Any]) -> str:
 
 def run_export(args: argparse.Namespace) -> int:
     """Load the model (QAT checkpoint, .safetensors, .qmb), write the requested files, print a summary."""
-    from ..export_onnx import export_onnx, onnx_parity
+    from ..export_onnx import export_onnx, onnx_parity, parity_failure
     from ..loading import load_model
     from ..quant.pack import export_packed
 
@@ -84,7 +84,14 @@ def run_export(args: argparse.Namespace) -> int:
                 generator=torch.Generator().manual_seed(0),
             )
             parity = onnx_parity(model, path, x)
-            print(f"onnxruntime vs PyTorch: PSNR {parity['psnr']:.1f} dB, max |diff| {parity['max_abs']:.2e}")
+            print(
+                f"onnxruntime vs PyTorch: PSNR {parity['psnr']:.1f} dB, max |diff| {parity['max_abs']:.2e} "
+                f"({parity['max_rel']:.1e} of max |output|)"
+            )
+            failure = parity_failure(parity, getattr(model, "quant_config", None) is not None)
+            if failure:
+                raise ValueError(f"ONNX parity check failed: {failure}; {path} may not compute the model")
+            print("parity check passed")
     return 0
 
 
@@ -120,5 +127,11 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch", type=int, default=1, help="ONNX batch size (default: %(default)s)")
     p.add_argument("--dynamo", action="store_true", help="ONNX via torch.export instead of the tracer")
-    p.add_argument("--check", action="store_true", help="run the ONNX graph with onnxruntime and compare")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="run the ONNX graph with onnxruntime on a random tile and compare with PyTorch; exit 1 when "
+        "max |diff| > 1e-4 x max |output| (float model) or PSNR < 40 dB (quantized model, where a float "
+        "difference can flip a rounding)",
+    )
     p.set_defaults(func=run_export)
