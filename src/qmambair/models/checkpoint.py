@@ -1,13 +1,16 @@
 """Float model files: official MambaIR/BasicSR checkpoints and the project's safetensors format.
 
 An official file's architecture is read off its tensor shapes; the project's own files carry their config
-(and, for a quantized model, its quantization config) in the safetensors metadata. This module knows the float
+(and, for a quantized model, its quantization config) in the safetensors metadata, and a SHA-256 checksum of
+their tensors (``tensors_sha256``, see :func:`tensor_checksum`) that every read verifies; files without one
+(official or foreign files) are read unchecked. This module knows the float
 networks only: quantized models (``qmambair.quant.files``, ``qmambair.quant.pack``), training checkpoints
 (``qmambair.train.checkpoint``) and the any-file ``load_model`` (``qmambair.loading``) live above it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,15 +20,46 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..fileio import atomic_path
 from .presets import build_model, preset_for_config
 
 FORMAT_NAME = "qmambair-model"
 FORMAT_VERSION = 1
+CHECKSUM_KEY = "tensors_sha256"  # metadata entry holding tensor_checksum() of the file's tensors
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A model file that cannot be used: says what is wrong and what would fit."""
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor (C order, the machine's byte order), without a copy where possible."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over every tensor in key order: its name, dtype, shape and raw bytes.
+
+    Any changed bit of a value, a renamed or reshaped tensor, or a missing one changes it.
+    """
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
+def verify_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str | os.PathLike) -> None:
+    """A ``CheckpointError`` if ``meta`` records a checksum that ``tensors`` do not match (none: no check)."""
+    expected = meta.get(CHECKSUM_KEY)
+    if expected is not None and tensor_checksum(tensors) != expected:
+        raise CheckpointError(
+            f"{path}: the tensors do not match the file's checksum: the file is damaged (a changed byte on "
+            "disk or in transfer); copy or download it again"
+        )
 
 
 def official_state_dict(obj: Any, param_key: str | None = None) -> dict[str, torch.Tensor]:
@@ -144,6 +178,7 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
     if quant is not None:
         meta["quant_config"] = json.dumps(quant.to_dict() if hasattr(quant, "to_dict") else dict(quant))
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta[CHECKSUM_KEY] = tensor_checksum(tensors)
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -153,20 +188,41 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
 def read_safetensors(
     path: str | os.PathLike, map_location: str = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and the metadata of a safetensors file; a ``CheckpointError`` if it cannot be read."""
+    """The tensors and the metadata of a safetensors file, its checksum verified (when it has one); a
+    ``CheckpointError`` if it cannot be read or is damaged."""
     from safetensors import SafetensorError, safe_open
 
+    check_readable(path)
     try:
-        with safe_open(str(path), framework="pt", device=map_location) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    verify_checksum(sd, meta, path)
+    if str(map_location) != "cpu":
+        sd = {k: v.to(map_location) for k, v in sd.items()}
     return sd, meta
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """A ``CheckpointError`` saying what is wrong when ``path`` cannot be opened for reading."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied (make the file readable by this user)") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, not a model file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def read_torch_file(path: str | os.PathLike, map_location: str = "cpu") -> Any:
     """``torch.load(weights_only=True)`` of a ``.pth``-like file; a ``CheckpointError`` if unreadable."""
+    check_readable(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file

@@ -10,6 +10,9 @@ A checkpoint is a ``torch.save`` dict that loads with ``weights_only=True``::
     step          optimiser steps taken
     optimizer, scheduler, rng (one entry per process: python, numpy, torch, cuda)   (absent in best.pt)
     metrics       last validation and best-so-far numbers
+    checksum      SHA-256 of everything above (:func:`checkpoint_checksum`); verified on every read, so a
+                  damaged file is refused instead of resumed. Files written before it existed have none and
+                  are read unchecked.
 
 Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed over the target
 (and the folder fsync'ed), so a crash or SIGKILL at any moment leaves the previous checkpoint intact.
@@ -17,6 +20,7 @@ Writes go to a temporary file in the same folder, are flushed and fsync'ed, then
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -33,6 +37,7 @@ from ..models.checkpoint import (
     official_state_dict,
     read_safetensors,
     read_torch_file,
+    tensor_bytes,
 )
 from ..quant.files import model_from_safetensors, model_from_state
 from ..quant.pack import load_packed
@@ -40,6 +45,7 @@ from ..quant.pack import load_packed
 __all__ = [
     "FORMAT",
     "atomic_save",
+    "checkpoint_checksum",
     "load_checkpoint",
     "model_from_training_checkpoint",
     "rng_state",
@@ -48,6 +54,46 @@ __all__ = [
 ]
 
 FORMAT = {"format": "qmambair-train", "version": 1}
+CHECKSUM = "checksum"  # the entry holding checkpoint_checksum(obj)
+
+
+def _digest(h: Any, value: Any) -> None:
+    """Feed a canonical encoding of ``value`` (nested dicts, lists, tensors, arrays, scalars) to ``h``."""
+    if isinstance(value, torch.Tensor):
+        h.update(f"T{str(value.dtype).removeprefix('torch.')}{list(value.shape)}:".encode())
+        h.update(tensor_bytes(value))
+    elif isinstance(value, np.ndarray):
+        h.update(f"A{value.dtype.str}{list(value.shape)}:".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}:".encode())
+        for key in sorted(value, key=repr):
+            _digest(h, key)
+            _digest(h, value[key])
+    elif isinstance(value, list | tuple):
+        h.update(f"L{len(value)}:".encode())
+        for item in value:
+            _digest(h, item)
+    else:
+        text = repr(value)
+        h.update(f"S{type(value).__name__}{len(text)}:{text}".encode())
+
+
+def checkpoint_checksum(obj: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint dict's content, the ``checksum`` entry left out."""
+    h = hashlib.sha256()
+    _digest(h, {k: v for k, v in obj.items() if k != CHECKSUM})
+    return h.hexdigest()
+
+
+def verify_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
+    """A ``CheckpointError`` if the checkpoint records a checksum its content does not match."""
+    expected = obj.get(CHECKSUM)
+    if expected is not None and checkpoint_checksum(obj) != expected:
+        raise CheckpointError(
+            f"{path}: the content does not match the checkpoint's checksum: the file is damaged; use an "
+            "intact copy (or best.pt, or start again)"
+        )
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -112,6 +158,7 @@ def training_checkpoint(
         obj["scheduler"] = scheduler.state_dict()
     if rng is not None:
         obj["rng"] = list(rng)
+    obj[CHECKSUM] = checkpoint_checksum(obj)
     return obj
 
 
@@ -120,15 +167,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint")
-    try:
-        obj = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{p}: cannot be read ({type(exc).__name__}: {exc})") from None
-    if not isinstance(obj, dict) or obj.get("qmambair", {}).get("format") != FORMAT["format"]:
+    obj = read_torch_file(p, map_location)
+    if not isinstance(obj, dict) or not isinstance(obj.get("qmambair"), dict) \
+            or obj["qmambair"].get("format") != FORMAT["format"]:
         raise CheckpointError(f"{p}: not a qmambair training checkpoint")
     if obj["qmambair"].get("version", 0) > FORMAT["version"]:
         version = obj["qmambair"]["version"]
         raise CheckpointError(f"{p}: written by a newer qmambair (format version {version})")
+    verify_checkpoint(obj, p)
     return obj
 
 
@@ -163,5 +209,10 @@ def load_model_file(
         return model_from_safetensors(*read_safetensors(p, map_location), preset=preset).eval()
     obj = read_torch_file(p, map_location)
     if isinstance(obj, dict) and "qmambair" in obj:  # a training checkpoint of this project
+        verify_checkpoint(obj, p)
         return model_from_training_checkpoint(obj).eval()
-    return float_model_from_state(official_state_dict(obj, param_key), preset=preset).eval()
+    try:
+        sd = official_state_dict(obj, param_key)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{p}: {exc}") from None
+    return float_model_from_state(sd, preset=preset).eval()
