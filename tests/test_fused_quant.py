@@ -137,6 +137,18 @@ def test_fused_path_is_taken_for_float32_cpu_only(monkeypatch):
             pass
 
 
+def test_graph_capture_takes_the_eager_path(monkeypatch):
+    x = torch.randn(3, 7, generator=_gen(8))
+    q = DLS(3)
+    assert use_fused(x)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)  # what torch.onnx.export sets
+    assert not use_fused(x)
+    monkeypatch.undo()
+    traced = torch.jit.trace(q, x)  # a trace records torch operations, so the quantizer must be eager
+    assert "aten::amin" in str(traced.graph) or "aten::min" in str(traced.graph)
+    assert torch.equal(traced(x * 2), q(x * 2))
+
+
 def test_fused_kernels_are_called_on_the_fused_path(monkeypatch):
     from qmambair.quant import fused
 

@@ -10,7 +10,8 @@ by hand (in float64) and returns the gradient of every quantizer parameter.
 
 Which path runs: ``QMAMBAIR_QUANT=eager|fused|auto`` (default auto), or ``with quant_kernels("eager"):`` in
 code. ``auto`` takes the fused path for float32 CPU tensors when numba imports, and the eager path otherwise
-(CUDA tensors, float64). The eager path is the oracle the fused one is tested against
+(CUDA tensors, float64), and always while a graph is captured (ONNX export, tracing, torch.compile). The
+eager path is the oracle the fused one is tested against
 (``tests/test_fused_quant.py``).
 """
 
@@ -65,7 +66,7 @@ def quant_kernels(mode: str | None) -> Iterator[None]:
 def use_fused(x: torch.Tensor) -> bool:
     """Whether a quantizer called on ``x`` takes the fused path (see the module docstring)."""
     mode = _mode()
-    if mode == "eager":
+    if mode == "eager" or _graph_capture():
         return False
     eligible = x.device.type == "cpu" and x.dtype == torch.float32
     if eligible and _kernels() is None:
@@ -73,6 +74,12 @@ def use_fused(x: torch.Tensor) -> bool:
             raise RuntimeError(f"{ENV_VAR}=fused but the numba kernels are not available")
         return False
     return eligible
+
+
+def _graph_capture() -> bool:
+    """True while torch records a graph (ONNX export, jit tracing, torch.compile): they must see the eager
+    quantizers' torch operations, not numpy calls."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
