@@ -3,12 +3,20 @@
 Adding a command: write ``add_<name>_parser(sub)`` that creates a subparser and sets ``func`` (a callable
 taking the parsed namespace and returning an exit code; import heavy modules inside it so ``--help`` stays
 fast), then append it to ``COMMANDS`` (or call ``register_command``).
+
+Errors: :func:`main` is the one boundary. A mistake of the user's (``qmambair.errors.UserError``, a missing or
+unreadable file, a bad value; see ``qmambair.commands.errors``) becomes one line ``qmambair COMMAND: error:
+...`` on stderr and exit code 1 (2 for a bad option, as argparse does); any other exception is a bug: its
+traceback is shown with a request to report it. ``QMAMBAIR_TRACEBACK=1`` shows the traceback of user errors
+too.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from . import __version__
@@ -31,10 +39,15 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    from .commands.options import positive_int
+
+    return positive_int(text)
+
+
+def _nonnegative(text: str) -> int:
+    from .commands.options import nonnegative_int
+
+    return nonnegative_int(text)
 
 
 def add_restore_parser(sub: SubParsers) -> None:
@@ -57,7 +70,8 @@ def add_restore_parser(sub: SubParsers) -> None:
     p.add_argument("--tile-mode", choices=("mambair", "blend"), default="mambair",
                    help="mambair: MambaIR tester tiling, N is its threshold (200 in the paper); "
                    "blend: N x N tiles blended without seams (default: %(default)s)")
-    p.add_argument("--overlap", type=int, default=None, help="blend mode: pixels shared by neighbours (N/8)")
+    p.add_argument("--overlap", type=_nonnegative, default=None,
+                   help="blend mode: pixels shared by neighbours (N/8)")
     p.add_argument("-r", "--recursive", action="store_true", help="look into sub-folders of input folders")
     p.add_argument("--suffix", default="", help="added to each output file's stem (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -67,6 +81,8 @@ def add_restore_parser(sub: SubParsers) -> None:
                    help="PNG bit depth; auto: 16 for 16-bit inputs, else 8 (default: %(default)s)")
     p.add_argument("--drop-alpha", action="store_true", help="write RGB/grey even if the input has alpha")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--threads", type=_positive, default=None, metavar="N",
+                   help="CPU threads for torch and the scan (default: library default)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
@@ -139,16 +155,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
-    from .models.checkpoint import CheckpointError
-
     try:
         return int(func(args) or 0)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"qmambair {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        return report_error(exc, f"qmambair {args.command}")
+
+
+def report_error(exc: BaseException, prog: str = "qmambair") -> int:
+    """Print ``exc`` as the user's mistake (one line) or as a bug (traceback); returns the exit code."""
+    from .commands.errors import describe_user_error
+
+    found = describe_user_error(exc)
+    if found is None or os.environ.get("QMAMBAIR_TRACEBACK"):
+        traceback.print_exception(exc, file=sys.stderr)
+    if found is None:
+        print(f"{prog}: internal error ({type(exc).__name__}): this is a bug in qmambair {__version__}; "
+              "please report it with the command line and the traceback above", file=sys.stderr)
+        return 1
+    message, code = found
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

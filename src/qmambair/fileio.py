@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UsageError, UserError
 
 try:
     import fcntl
@@ -146,11 +146,11 @@ def check_output(
     suffixes: tuple[str, ...] = (),
 ) -> Path:
     """The rule for a file a command is asked to write: never one of its ``inputs``; an existing file only
-    with ``overwrite``; a folder never; its suffix one of ``suffixes`` (when given). A :class:`UserError`
-    naming ``option`` otherwise."""
+    with ``overwrite``; a folder never; its suffix one of ``suffixes`` (when given: else a ``UsageError``).
+    A :class:`UserError` naming ``option`` otherwise."""
     p = Path(path)
     if suffixes and p.suffix.lower() not in suffixes:
-        raise UserError(f"{option} {p}: the file name must end in {' or '.join(suffixes)}")
+        raise UsageError(f"{option} {p}: the file name must end in {' or '.join(suffixes)}")
     for source in inputs:
         if same_file(p, source):
             raise UserError(f"{option} {p} is an input of this command ({source}); choose another file")

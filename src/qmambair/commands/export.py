@@ -56,12 +56,21 @@ def format_packed_info(info: dict[str, Any]) -> str:
 
 def run_export(args: argparse.Namespace) -> int:
     """Load the model (QAT checkpoint, .safetensors, .qmb), write the requested files, print a summary."""
+    from ..errors import UsageError
     from ..export_onnx import export_onnx, onnx_parity, parity_failure
+    from ..fileio import atomic_path, check_output
     from ..loading import load_model
+    from ..models.checkpoint import locate_model_file
     from ..quant.pack import export_packed
 
     if args.output is None and args.onnx is None:
-        raise ValueError("nothing to write: give -o FILE.qmb and/or --onnx FILE.onnx")
+        raise UsageError("nothing to write: give -o FILE.qmb and/or --onnx FILE.onnx")
+    source = locate_model_file(args.model)  # None: a preset name (random weights)
+    inputs = [source] if source is not None else []
+    if args.output is not None:
+        check_output(args.output, args.overwrite, inputs, "-o", (".qmb",))
+    if args.onnx is not None:
+        check_output(args.onnx, args.overwrite, inputs, "--onnx", (".onnx",))
     model = load_model(args.model).eval()
     if args.output is not None:
         if getattr(model, "quant_config", None) is None:
@@ -70,7 +79,9 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         print(format_packed_info(packed_info(path)))
     if args.onnx is not None:
-        path = export_onnx(model, args.onnx, tile=args.tile, batch=args.batch, dynamo=args.dynamo)
+        with atomic_path(args.onnx) as tmp:  # an interrupted export leaves any earlier file as it was
+            export_onnx(model, tmp, tile=args.tile, batch=args.batch, dynamo=args.dynamo)
+        path = Path(args.onnx)
         print(
             f"wrote {path} (input {args.batch}x{getattr(model, 'in_chans', 3)}x{args.tile[0]}x{args.tile[1]})"
         )
@@ -108,6 +119,8 @@ def _tile(text: str) -> tuple[int, int]:
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     """``qmambair export MODEL -o model.qmb [--onnx model.onnx --tile 64]``."""
+    from .options import positive_int
+
     p = sub.add_parser(
         "export",
         help="pack a quantized model (.qmb) and/or export ONNX",
@@ -125,7 +138,9 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N|HxW",
         help="ONNX input tile size in input pixels (default: 64)",
     )
-    p.add_argument("--batch", type=int, default=1, help="ONNX batch size (default: %(default)s)")
+    p.add_argument("--batch", type=positive_int, default=1, help="ONNX batch size (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (never the model file itself)")
     p.add_argument("--dynamo", action="store_true", help="ONNX via torch.export instead of the tracer")
     p.add_argument(
         "--check",

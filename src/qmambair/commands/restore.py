@@ -5,11 +5,16 @@ an image extension: exactly OUT). An output that would replace one of the inputs
 ``--overwrite-input``; an existing output is skipped unless ``--overwrite``; two inputs mapping to the same
 output (``a.jpg`` and ``a.png``) make the second one fail. Alpha (RGBA/LA) is not restored: it is resized with
 bicubic interpolation to the output size, clamped, and re-attached (``--drop-alpha`` drops it).
+
+Options are checked before the model is loaded. An input that cannot be used (missing, unreadable, not an
+image, an animation, a folder that cannot be listed) is reported by name and the others are still restored;
+the exit code is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..errors import UsageError, UserError
 from ..eval.tiling import restore
 from ..loading import load_model
 from ..models.presets import list_presets
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
+# what a folder's images are recognised by (files named on the command line are tried whatever their suffix)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".gif"}
 
 
 @dataclass
@@ -33,8 +40,40 @@ class Job:
     problem: str | None = None  # set when the job must not run (reported as failed)
 
 
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+def _folder_images(root: Path, recursive: bool, errors: list[str]) -> list[Path]:
+    """Image files in ``root`` (and its sub-folders if ``recursive``; hidden entries and links to folders
+    skipped); a folder that cannot be listed is added to ``errors`` and the rest is still searched."""
+    found: list[Path] = []
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as exc:
+            errors.append(f"{folder}: cannot list the folder ({_reason(exc)})")
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive:
+                        pending.append(Path(entry.path))
+                elif entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(Path(entry.path))
+            except OSError as exc:
+                errors.append(f"{entry.path}: {_reason(exc)}")
+    return sorted(found)
+
+
 def find_images(inputs: list[str], recursive: bool) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """(file, path relative to its input folder) for every image, and errors for inputs that do not exist.
+    """(file, path relative to its input folder) for every image, and errors for inputs that cannot be used
+    (missing, or a folder or sub-folder that cannot be listed).
 
     Files named on the command line are taken whatever their extension (and fail later if unreadable);
     inside folders only files with an image extension are taken, hidden files skipped.
@@ -43,15 +82,14 @@ def find_images(inputs: list[str], recursive: bool) -> tuple[list[tuple[Path, Pa
     errors: list[str] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            pattern = path.rglob("*") if recursive else path.iterdir()
-            files = sorted(
-                p for p in pattern
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            found += [(p, p.relative_to(path)) for p in files]
-        elif path.is_file():
+        try:
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except OSError as exc:
+            errors.append(f"{item}: {_reason(exc)}")
+            continue
+        if is_dir:
+            found += [(p, p.relative_to(path)) for p in _folder_images(path, recursive, errors)]
+        elif is_file:
             found.append((path, Path(path.name)))
         else:
             errors.append(f"{item}: no such file or folder")
@@ -90,11 +128,29 @@ def resize_alpha(alpha: np.ndarray, height: int, width: int) -> np.ndarray:
     return out[0, 0].clamp_(0, 1).numpy()
 
 
+def check_still_image(path: Path) -> None:
+    """An ``ImageReadError`` if ``path`` holds several frames (animated GIF, PNG or WebP): only the first
+    would be restored."""
+    from PIL import Image
+
+    from ..data.io import ImageReadError
+
+    try:
+        with Image.open(path) as im:
+            frames = int(getattr(im, "n_frames", 1) or 1)
+    except Exception:  # noqa: BLE001 - read_image reports unreadable files with the reason
+        return
+    if frames > 1:
+        raise ImageReadError(path, f"it is an animation ({frames} frames); restore reads still images",
+                             "Extract the frames first (e.g. ffmpeg -i IN frame%04d.png) and restore those.")
+
+
 def restore_file(model: torch.nn.Module, job: Job, args: argparse.Namespace, protect: list[Path]) -> None:
     """Read, restore and write one image (raises ImageReadError / OSError / ValueError on failure)."""
     from ..data.io import image_info, read_image, write_image
 
     bits_in = image_info(job.src).bits
+    check_still_image(job.src)
     img, alpha = read_image(job.src, mode="keep", alpha="keep")
     out = restore(model, img, tile=args.tile, mode=args.tile_mode, overlap=args.overlap, device=args.device)
     out = np.clip(out if out.ndim == 3 else out[..., None], 0.0, 1.0)
@@ -114,21 +170,46 @@ def _load(spec: str, device: str) -> torch.nn.Module:
     return load_model(spec).to(device).eval()
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse bad option values and combinations before anything is read (``UsageError``, exit code 2)."""
+    from ..data.io import WRITE_FORMATS
+    from ..train.config import check_device
+
+    if args.overlap is not None and args.tile_mode != "blend":
+        raise UsageError("--overlap applies to --tile-mode blend only (mambair mode fixes it)")
+    if args.overlap is not None and args.tile is None:
+        raise UsageError("--overlap needs --tile (blend mode)")
+    if args.tile is not None and args.tile_mode == "mambair" and args.tile < 2:
+        raise UsageError(f"--tile must be >= 2 in --tile-mode mambair, got {args.tile}")
+    if args.tile is not None and args.overlap is not None and args.overlap >= args.tile:
+        raise UsageError(f"--overlap must be smaller than --tile ({args.tile}), got {args.overlap}")
+    check_device(args.device, "--device")
+    out = Path(args.output)
+    suffix = out.suffix.lower()
+    if suffix in IMAGE_SUFFIXES and suffix not in WRITE_FORMATS and not out.is_dir():
+        formats = ", ".join(sorted(WRITE_FORMATS))
+        raise UsageError(f"-o {out}: cannot write {suffix} files; use one of {formats}")
+
+
 def run_restore(args: argparse.Namespace) -> int:
     """Restore every input image; returns 0 if all were restored or skipped, 1 if any failed."""
     from ..data.io import ImageReadError
 
-    if args.overlap is not None and args.tile_mode != "blend":
-        print("error: --overlap applies to --tile-mode blend only (mambair mode fixes it)", file=sys.stderr)
-        return 2
+    check_options(args)
+    if getattr(args, "threads", None):
+        from ..train.trainer import set_threads
+
+        set_threads(args.threads)
     images, missing = find_images(args.inputs, args.recursive)
     for msg in missing:
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"FAILED  {msg}", file=sys.stderr)
     if not images:
-        print("error: no input images found", file=sys.stderr)
-        return 1
-    model = _load(args.model, args.device)
+        raise UserError("no input images found" + (" that can be read" if missing else ""))
     single = len(args.inputs) == 1 and Path(args.inputs[0]).is_file()
+    out = Path(args.output)
+    if out.exists() and not out.is_dir() and not (single and out.suffix.lower() in IMAGE_SUFFIXES):
+        raise UserError(f"-o {out} is a file; give a folder for the outputs")
+    model = _load(args.model, args.device)
     jobs = plan_jobs(images, Path(args.output), args.suffix, single, args.overwrite_input)
     protect = [] if args.overwrite_input else [src for src, _ in images]
     done, skipped, failed = 0, 0, len(missing)
