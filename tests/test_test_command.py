@@ -22,6 +22,8 @@ from qmambair.eval.ensemble import self_ensemble
 from qmambair.loading import load_model
 from qmambair.models.checkpoint import save_model
 from qmambair.models.presets import build_model
+from qmambair.quant.convert import QuantConfig, quantize_model
+from qmambair.quant.pack import export_packed
 
 TINY = {"embed_dim": 12, "depths": (1,), "d_state": 4}
 
@@ -316,3 +318,44 @@ def test_bad_folders_give_one_clear_error(tmp_path, sr_model, denoise_model, cap
     make_edsr_set(tmp_path / "b" / "Set5", [(20, 20)])
     fails(str(tmp_path / "a" / "Set5"), str(tmp_path / "b" / "Set5"), "--csv", str(tmp_path / "x.csv"))
     one_error_line(capsys, "two test sets are named Set5")
+
+
+def test_grey_and_rgba_images_into_an_rgb_model(tmp_path, sr_model):
+    grey, rgba = random8(22, 20, 1), random8(20, 24, 4)
+    rgba[..., 3] = 255
+    save_png(tmp_path / "mixed" / "grey.png", grey)
+    save_png(tmp_path / "mixed" / "rgba.png", rgba)
+    assert qtest("-m", sr_model, str(tmp_path / "mixed"), "--csv", str(tmp_path / "m.csv")) == 0
+    got = read_csv(tmp_path / "m.csv")
+    for name, rgb in (("grey.png", np.repeat(grey, 3, axis=2)), ("rgba.png", rgba[..., :3])):
+        value = expected_psnr(run_model(sr_model, bicubic_lr(rgb, 2)), rgb, 2, True)  # grey read as RGB
+        assert got["mixed", name][0] == pytest.approx(value, abs=2e-6)
+
+
+def test_packed_quantized_model(tmp_path):
+    torch.manual_seed(0)
+    model = quantize_model(build_model("light-sr-x2", **TINY), QuantConfig(bits=2)).train()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 16, 16))  # initialise the quantizers
+    path = str(export_packed(model.eval(), tmp_path / "w2a2.qmb"))
+    hr = random8(24, 28)
+    save_png(tmp_path / "one" / "p.png", hr)
+    assert qtest("-m", path, str(tmp_path / "one"), "--csv", str(tmp_path / "q.csv")) == 0
+    value = expected_psnr(run_model(path, bicubic_lr(hr, 2)), hr, 2, True)
+    assert read_csv(tmp_path / "q.csv")["one", "p.png"][0] == pytest.approx(value, abs=2e-6)
+
+
+@pytest.mark.parametrize("mode", ["mambair", "blend"])
+def test_tile_options_reach_the_tiler(tmp_path, sr_model, mode):
+    from qmambair.eval.tiling import restore_tiled  # tested against MambaIR's tester in tests/test_tiling.py
+
+    images = make_edsr_set(tmp_path / "Set5", [(30, 34)])
+    _, lr = images["img0.png"]
+    assert qtest("-m", sr_model, str(tmp_path / "Set5"), "--tile", "8", "--tile-mode", mode,
+                 "--out", str(tmp_path / "t")) == 0
+    with torch.no_grad():
+        x = torch.from_numpy(lr.astype(np.float32) / 255).permute(2, 0, 1)[None]
+        want = restore_tiled(load_model(sr_model), x, mode=mode, tile=8)[0].permute(1, 2, 0).numpy()
+    saved = np.asarray(Image.open(tmp_path / "t" / "Set5" / "img0.png"))
+    np.testing.assert_array_equal(saved, to_8bit(want))
+    assert not np.array_equal(saved, to_8bit(run_model(sr_model, lr / 255.0)))  # tiling changed the output
