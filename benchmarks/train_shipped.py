@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -68,6 +71,16 @@ def last_validation(log: Path) -> dict[str, Any]:
     return vals[-1]
 
 
+def command_line() -> str:
+    """This script's command line as run, with the commit it ran at (the model card's provenance)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return f"python benchmarks/train_shipped.py {shlex.join(sys.argv[1:])}` at commit `{commit}"
+
+
 def write_card(name: str, weight_file: Path, runs: list[Path], cfg: dict[str, Any], extra: str = "") -> None:
     """Model card of the model trained by ``runs`` (stages, each starting from the previous one's weights)."""
     val = last_validation(runs[-1] / "log.jsonl")
@@ -99,6 +112,7 @@ def write_card(name: str, weight_file: Path, runs: list[Path], cfg: dict[str, An
         f"| budget | {step} iterations{staged}, batch {cfg['batch']}, Adam lr {cfg['lr']:g}, MultiStepLR at "
         f"{'/'.join(f'{m:g}' for m in cfg['milestones'])} of the run, L1 |",
         f"| starts from | {start} |",
+        f"| command | `{command_line()}` |",
         f"| machine | {cpu}; {cfg['threads'] or 'default'} torch thread(s) per run (the x2 and x4 chains ran "
         "side by side on 2 cores) |",
         f"| wall time | {seconds / 60:.1f} min |",
