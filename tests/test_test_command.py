@@ -359,3 +359,14 @@ def test_tile_options_reach_the_tiler(tmp_path, sr_model, mode):
     saved = np.asarray(Image.open(tmp_path / "t" / "Set5" / "img0.png"))
     np.testing.assert_array_equal(saved, to_8bit(want))
     assert not np.array_equal(saved, to_8bit(run_model(sr_model, lr / 255.0)))  # tiling changed the output
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    (["--tile", "1"], "--tile must be >= 2"),
+    (["--sigma", "5", "--quality", "30"], "not both"),
+    (["--quality", "101"], "1..100"),
+])
+def test_bad_options_are_usage_errors(tmp_path, sr_model, capsys, options, words):
+    save_png(tmp_path / "p" / "a.png", random8(20, 20))
+    assert qtest("-m", sr_model, str(tmp_path / "p"), *options) == 2
+    one_error_line(capsys, words)

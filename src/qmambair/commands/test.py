@@ -6,15 +6,21 @@ import argparse
 import sys
 from pathlib import Path
 
+from .options import nonnegative_float, positive_int
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse bad option values before the model is loaded (``UsageError``, exit code 2)."""
+    from ..errors import UsageError
+    from ..train.config import check_device
+
+    if args.tile is not None and args.tile_mode == "mambair" and args.tile < 2:
+        raise UsageError(f"--tile must be >= 2 in --tile-mode mambair, got {args.tile}")
+    if args.sigma is not None and args.quality is not None:
+        raise UsageError("give --sigma (denoising) or --quality (JPEG), not both")
+    if args.quality is not None and args.quality > 100:
+        raise UsageError(f"--quality must be in 1..100, got {args.quality}")
+    check_device(args.device, "--device")
 
 
 def run_test(args: argparse.Namespace) -> int:
@@ -33,6 +39,7 @@ def run_test(args: argparse.Namespace) -> int:
     from ..train.validate import metric_settings
     from .restore import _load
 
+    check_options(args)
     if args.threads:
         set_threads(args.threads)
     model = _load(args.model, args.device)
@@ -40,11 +47,7 @@ def run_test(args: argparse.Namespace) -> int:
     crop, y_channel = metric_settings(degradation)
     sets = [s for folder in args.folders for s in find_test_sets(folder, degradation.factor)]
     csv_path = args.csv or (str(Path(args.out) / "results.csv") if args.out else None)
-    try:
-        check_outputs(sets, args.out, csv_path, overwrite=args.overwrite)
-    except FileExistsError as exc:
-        print(f"qmambair test: error: {exc}", file=sys.stderr)
-        return 1
+    check_outputs(sets, args.out, csv_path, overwrite=args.overwrite)
     where = f"Y channel, border {crop}" if y_channel else f"all channels, border {crop}"
     extras = [f"tile {args.tile} ({args.tile_mode})"] if args.tile else []
     extras += ["x8 self-ensemble"] if args.self_ensemble else []
@@ -86,12 +89,13 @@ def add_test_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--model", required=True, metavar="MODEL",
                    help="model file (.pth/.safetensors/.qmb), shipped model name or preset name "
                    "(random weights: tests only)")
-    p.add_argument("--scale", type=_positive, default=None, metavar="S",
+    p.add_argument("--scale", type=positive_int, default=None, metavar="S",
                    help="check that the model super-resolves xS (default: the model's scale)")
-    p.add_argument("--sigma", type=float, default=None,
+    p.add_argument("--sigma", type=nonnegative_float, default=None,
                    help="denoising: noise sigma on the 0-255 scale (default: the model's preset)")
-    p.add_argument("--quality", type=int, default=None, help="JPEG: quality (default: the model's preset)")
-    p.add_argument("--tile", type=_positive, default=None, metavar="N",
+    p.add_argument("--quality", type=positive_int, default=None,
+                   help="JPEG: quality 1-100 (default: the model's preset)")
+    p.add_argument("--tile", type=positive_int, default=None, metavar="N",
                    help="tile size in input pixels (default: whole image at once)")
     p.add_argument("--tile-mode", choices=("mambair", "blend"), default="mambair",
                    help="mambair: MambaIR tester tiling, N is its threshold (200 in the paper); "
@@ -102,7 +106,7 @@ def add_test_parser(sub: argparse._SubParsersAction) -> None:
                    help="write the scores per image (default with --out: OUT/results.csv)")
     p.add_argument("--out", metavar="DIR", help="save the restored images as DIR/<set>/<image>.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing CSV file or output image")
-    p.add_argument("--threads", type=_positive, default=None, metavar="N", help="CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_test)
