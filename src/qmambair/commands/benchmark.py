@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .options import nonnegative_int, positive_int
+
 # flags that set the BenchmarkSpec field of the same name
 _FIELDS = (
     "methods",
@@ -58,8 +60,11 @@ def make_spec(args: argparse.Namespace) -> Any:
 def run_benchmark_command(args: argparse.Namespace) -> int:
     """Run the benchmark, print the report; returns the exit code."""
     from ..experiments.benchmark import run_benchmark
+    from ..train.config import check_device
     from ..train.trainer import TrainingDiverged
 
+    if args.device:
+        check_device(args.device, "--device")
     spec = make_spec(args)
 
     def log(line: str) -> None:
@@ -103,10 +108,13 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
         metavar="B1,B2",
         help="bit-widths, weights = activations (default: 4,3,2; supported 2,3,4,8)",
     )
-    p.add_argument("--scale", type=int, help="super-resolution factor (default 4; preset: light-sr-xSCALE)")
+    p.add_argument("--scale", type=positive_int,
+                   help="super-resolution factor (default 4; preset: light-sr-xSCALE)")
     p.add_argument("--preset", help="model preset (default: light-sr-x<scale>)")
-    p.add_argument("--iters", type=int, metavar="N", help="iterations of each QAT run (default 1000)")
-    p.add_argument("--fp-iters", type=int, metavar="N", help="iterations of the float run (default: --iters)")
+    p.add_argument("--iters", type=positive_int, metavar="N",
+                   help="iterations of each QAT run (default 1000)")
+    p.add_argument("--fp-iters", type=positive_int, metavar="N",
+                   help="iterations of the float run (default: --iters)")
     p.add_argument(
         "--data",
         metavar="DIR",
@@ -132,17 +140,20 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
         help="bit-widths of the ablation (implies --ablation; default: --bits)",
     )
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/benchmark)")
-    p.add_argument("--seed", type=int, help="random seed of every run (default 0)")
-    p.add_argument("--batch", type=int, help="batch size (default: the preset's)")
-    p.add_argument("--patch", type=int, help="HR patch size in pixels (default: the preset's)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: library default)")
+    p.add_argument("--seed", type=nonnegative_int, help="random seed of every run (default 0)")
+    p.add_argument("--batch", type=positive_int, help="batch size (default: the preset's)")
+    p.add_argument("--patch", type=positive_int, help="HR patch size in pixels (default: the preset's)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads (default: library default)")
     p.add_argument("--device", help="torch device (default: auto = cuda if available, else cpu)")
     p.add_argument(
-        "--calib", dest="calib_patches", type=int, metavar="N", help="PTQ calibration patches (default 32)"
+        "--calib", dest="calib_patches", type=positive_int, metavar="N",
+        help="PTQ calibration patches (default 32)"
     )
-    p.add_argument("--tile", type=int, metavar="N", help="MambaIR tiling threshold, LR pixels (default 200)")
+    p.add_argument("--tile", type=positive_int, metavar="N",
+                   help="MambaIR tiling threshold, LR pixels (default 200)")
     p.add_argument(
-        "--test-images", type=int, metavar="N", help="at most N images of the test split (default: all)"
+        "--test-images", type=positive_int, metavar="N",
+        help="at most N images of the test split (default: all)"
     )
     p.add_argument(
         "--set",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from .options import nonnegative_int
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -50,6 +52,8 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scales", type=_ints, default=[2, 4], help="comma-separated scales (default: 2,4)")
     p.add_argument("--images", type=lambda t: [s for s in t.split(",") if s], default=list(DEMO_IMAGES),
                    help=f"comma-separated built-in images (default: {','.join(DEMO_IMAGES)})")
-    p.add_argument("--crop", type=int, default=256, help="HR centre crop in pixels, 0 = whole (default: 256)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's default)")
+    p.add_argument("--crop", type=nonnegative_int, default=256,
+                   help="HR centre crop in pixels, 0 = whole (default: 256)")
+    p.add_argument("--threads", type=nonnegative_int, default=0,
+                   help="CPU threads (default: torch's default)")
     p.set_defaults(func=run_demo_command)
