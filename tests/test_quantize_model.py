@@ -25,6 +25,7 @@ from qmambair.quant import (
     describe_quantization,
     format_quantization_table,
     initialize_quantizers,
+    iter_quantizers,
     load_float_state_dict,
     quantize_model,
     quantizer_state_keys,
@@ -226,18 +227,12 @@ def test_calibrate_fixes_ptq_ranges_and_8_bit_is_close_to_float():
 # --- QAT smoke --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_qat_smoke_reduces_l1(method):
-    lq, hr = sr_pair(2, seed=1)
-    model = quantize_model(tiny(seed=0), QuantConfig(method=method, bits=4))
-    if method in PTQ_METHODS:
-        calibrate(model, lq, progress=False)
-    else:
-        initialize_quantizers(model.train(), lq)
+def train_steps(model: torch.nn.Module, lq: torch.Tensor, hr: torch.Tensor, steps: int = 30) -> list[float]:
+    """``steps`` Adam steps of L1 on one batch (every parameter's gradient checked finite); the losses."""
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.9, 0.99))
     losses = []
-    for _ in range(30):
+    for _ in range(steps):
         opt.zero_grad()
         loss = (model(lq) - hr).abs().mean()
         loss.backward()
@@ -245,22 +240,101 @@ def test_qat_smoke_reduces_l1(method):
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def l1_with_quantizers_zeroed(model: torch.nn.Module, lq: torch.Tensor, hr: torch.Tensor) -> float:
+    """Eval L1 of ``model`` with every quantizer's output replaced by zeros (forward hooks, not the code
+    under test): what is left is the float path around the quantized layers (skips, head)."""
+    quantizers = [q for _, q in iter_quantizers(model)]
+    hooks = [q.register_forward_hook(lambda m, a, out: torch.zeros_like(out)) for q in quantizers]
+    try:
+        with torch.no_grad():
+            return (model.eval()(lq) - hr).abs().mean().item()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def float_qat_reference() -> float:
+    """Final L1 (mean of the last 3 steps) of the same tiny float model trained the same way."""
+    lq, hr = sr_pair(2, seed=1)
+    losses = train_steps(tiny(seed=0), lq, hr)
+    return sum(losses[-3:]) / 3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_qat_smoke_reduces_l1(method, float_qat_reference):
+    """30 QAT steps: the loss falls, ends near the float model trained the same way, and the trained model
+    depends on its quantized layers: with their quantizers' outputs zeroed the loss is much higher. (With
+    the quantizers sabotaged to output zeros, the loss still falls through the float skip and head, but
+    zeroing them afterwards changes nothing.)"""
+    lq, hr = sr_pair(2, seed=1)
+    model = quantize_model(tiny(seed=0), QuantConfig(method=method, bits=4))
+    if method in PTQ_METHODS:
+        calibrate(model, lq, progress=False)
+    else:
+        initialize_quantizers(model.train(), lq)
+    losses = train_steps(model, lq, hr)
     assert all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.8 * first, (method, first, last)
+    assert last < 1.15 * float_qat_reference, (method, last, float_qat_reference)
+    with torch.no_grad():
+        trained = (model.eval()(lq) - hr).abs().mean().item()
+    assert l1_with_quantizers_zeroed(model, lq, hr) > 1.1 * trained, method
 
 
 def test_qmambair_quantizer_parameters_all_learn():
-    """Every RFA / DLS / Act_Quant parameter in the model receives a gradient in a QAT step."""
+    """In a QAT step every quantizer parameter gets a finite gradient, and a non-zero one wherever the
+    definition (docs/method.md §3.2-§3.4) gives it one, judged from the quantizer's actual input:
+
+    - the learned steps (Act_Quant s, RFA α, LSQ s) always;
+    - Act_Quant's offset only where some input was clipped (inside the grid d x̂/dβ = 1 − 1 = 0);
+    - RFA: at least one anchor (the anchors next to populated segments);
+    - DLS v whenever the tensor is not constant; DLS w exactly when the step is below its stop-gradient cap
+      (M − m)/2^b, and exactly zero when it sits on the cap.
+    """
     lq, hr = sr_pair(2, seed=2)
     model = quantize_model(tiny(), QuantConfig(bits=4))
     initialize_quantizers(model.train(), lq)
-    (model(lq) - hr).abs().mean().backward()
+    inputs = {}
+
+    def keep_input(module, args, name):
+        inputs[name] = args[0].detach()
+
     for name, module in model.named_modules():
-        if isinstance(module, ActQuant | RFA | DLS | LSQWeight):
-            assert module.initialized.item()
-            for pname, p in module.named_parameters():
-                assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}.{pname}"
+        if isinstance(module, ActQuant | DLS):
+            module.register_forward_pre_hook(lambda m, args, name=name: keep_input(m, args, name))
+    (model(lq) - hr).abs().mean().backward()
+    checked = Counter()
+    for name, module in model.named_modules():
+        if not isinstance(module, ActQuant | RFA | DLS | LSQWeight):
+            continue
+        assert module.initialized.item()
+        for pname, p in module.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}.{pname}"
+        if isinstance(module, ActQuant):
+            x = inputs[name]
+            v = (x + module.offset) / module.step
+            clipped = bool(((v < module.qn) | (v > module.qp)).any())
+            assert module.step.grad.item() != 0, name
+            assert (module.offset.grad.item() != 0) == clipped, (name, clipped)
+        elif isinstance(module, RFA):
+            assert module.alpha.grad.item() != 0 and module.anchors.grad.abs().sum() > 0, name
+        elif isinstance(module, LSQWeight):
+            assert module.step.grad.item() != 0, name
+        else:
+            x = inputs[name]
+            with torch.no_grad():
+                delta, _, lo, hi = module.step_and_offset(x)
+            capped = bool((delta >= (hi - lo) / 2**module.bits).all())
+            assert (module.v.grad.abs().sum() > 0) == bool((hi > lo).any()), name
+            assert (module.w.grad.abs().sum() > 0) == (not capped), (name, capped)
+            checked["dls capped" if capped else "dls free"] += 1
+        checked[type(module).__name__] += 1
+    assert checked["ActQuant"] and checked["RFA"] and checked["dls free"] and checked["dls capped"], checked
 
 
 def test_dls_sigma_init_reaches_every_dls_and_is_stored_in_the_config():
