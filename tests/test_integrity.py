@@ -258,3 +258,14 @@ def test_temporary_of_a_live_writer_is_kept(tmp_path):
     with atomic_path(target) as tmp:  # the writer is gone: now it is stale
         tmp.write_bytes(b"newer")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_two_writers_of_one_file_keep_each_others_temporaries(tmp_path):
+    target = tmp_path / "best.pt"
+    with atomic_path(target) as outer:
+        outer.write_bytes(b"outer")
+        with atomic_path(target) as inner:  # its clean-up must not take the outer writer's file
+            inner.write_bytes(b"inner")
+        assert outer.exists()
+    assert target.read_bytes() == b"outer"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
