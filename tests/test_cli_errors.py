@@ -186,7 +186,7 @@ def test_missing_or_unreadable_config(tmp_path, monkeypatch, capsys, deny_read, 
     assert not Path("run").exists() and not fake_train
 
 
-def test_qat_preset_must_fit_the_checkpoint(tmp_path, monkeypatch, capsys, x2_model):
+def test_qat_preset_must_fit_the_checkpoint(tmp_path, monkeypatch, capsys, x2_model, fake_train):
     monkeypatch.chdir(tmp_path)
     before = snapshot(x2_model.parent)
     code, err = run(["qat", "--from", str(x2_model), "--preset", "light-sr-x4", "--out", "run"], capsys)
@@ -198,7 +198,11 @@ def test_qat_preset_must_fit_the_checkpoint(tmp_path, monkeypatch, capsys, x2_mo
     assert code == 1 and "post-training" in assert_one_error_line(err)
     code, err = run(["qat", "--from", str(x2_model), "--set", "quant.bitz=2", "--out", "run"], capsys)
     assert code == 1 and "quant.bitz" in assert_one_error_line(err)
-    assert not (tmp_path / "run").exists() and snapshot(x2_model.parent) == before
+    assert not (tmp_path / "run").exists() and snapshot(x2_model.parent) == before and not fake_train
+    # a preset of the checkpoint's scale and channels is taken: its degradation is the one trained on
+    assert run(["qat", "--from", str(x2_model), "--preset", "classic-sr-x2", "--out", "run"], capsys)[0] == 0
+    assert fake_train[0][0].preset == "classic-sr-x2"
+    assert fake_train[0][0].degradation == {"type": "bicubic", "scale": 2}
 
 
 @pytest.mark.parametrize("existing", ["model.safetensors", "best.pt", "log.jsonl"])
