@@ -43,7 +43,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="continue the run in RUN_DIR from its last.pt, with its stored options")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a RUN_DIR that holds best.pt / model.safetensors / log.jsonl of "
-                   "an earlier run (replacing them); a RUN_DIR with last.pt needs --resume or another --out")
+                   "an earlier run (the new run replaces the first two when it writes them and appends to "
+                   "the log); a RUN_DIR with last.pt needs --resume or another --out")
     p.add_argument("--config", metavar="FILE", help="YAML file of options (or a shipped example's name)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any option, e.g. --set model.embed_dim=30 --set val_every=200 (repeatable)")
