@@ -230,3 +230,23 @@ def test_gpu_backend_matches_reference() -> None:
     for key, r in ref.items():
         err = (got[key].cpu() - r).abs().max().item()
         assert err <= 1e-4 * r.abs().max().item() + 1e-10, key
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="needs numba")
+def test_fused_cpu_scan_flushes_a_decaying_state_instead_of_going_subnormal():
+    # one impulse, then zero input: the state decays by e^-2 per step and would pass through subnormal floats
+    # (slow on x86) on its way to zero; the kernel flushes it below 1e-30, and the output still matches
+    length = 46  # the last state is 2·e^-90 ≈ 1.6e-39, below float32's smallest normal number (1.2e-38)
+    u = torch.zeros(1, 2, length)
+    u[:, :, 0] = 1.0
+    delta = torch.full((1, 2, length), 2.0, requires_grad=True)
+    A = -torch.ones(2, 1)
+    B, C = torch.ones(1, 1, 1, length), torch.ones(1, 1, 1, length)
+    y, last = selective_scan(u, delta, A, B, C, return_last_state=True, backend="cpu")
+    ref = selective_scan_ref(u.double(), delta.double(), A.double(), B.double(), C.double())
+    assert torch.allclose(y.double(), ref, atol=1e-6)
+    assert torch.equal(last, torch.zeros_like(last))
+    tiny = (y != 0) & (y.abs() < 1e-30)
+    assert not tiny.any()
+    y.sum().backward()
+    assert torch.isfinite(delta.grad).all()

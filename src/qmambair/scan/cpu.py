@@ -96,6 +96,16 @@ if AVAILABLE:
         return np.float32(2.0) * s * p
 
     @njit(inline="always", cache=True, error_model="numpy")
+    def _flush(v):
+        """v, or 0 when |v| < 1e-30: keeps hidden states and their adjoints out of the subnormal range.
+
+        A state that only decays (zero input, e.g. 2-bit quantized B·u) would otherwise sink into subnormal
+        floats, whose arithmetic is many times slower on x86 (a light model's scan ran 1.6x slower with LSQ
+        W2A2 inputs); the values flushed are 1e-29 or more below the outputs' scale.
+        """
+        return v if abs(v) >= np.float32(1e-30) else np.float32(0.0)
+
+    @njit(inline="always", cache=True, error_model="numpy")
     def _sigmoid(x):
         e = _exp(-abs(x))
         inv = np.float32(1.0) / (np.float32(1.0) + e)
@@ -210,7 +220,7 @@ if AVAILABLE:
                         dlrow = dl[i]
                         durow = du[i]
                         for j in range(w):
-                            hv = _exp(dlrow[j] * arow[j]) * hrow[j] + durow[j] * bn
+                            hv = _flush(_exp(dlrow[j] * arow[j]) * hrow[j] + durow[j] * bn)
                             hrow[j] = hv
                             yrow[j] += cn * hv
                 if has_z:
@@ -297,7 +307,7 @@ if AVAILABLE:
                         for j in range(w):
                             a = _exp(dlrow[j] * ablk[j])
                             arow[j] = a
-                            hnext[j] = a * hprev[j] + durow[j] * bn
+                            hnext[j] = _flush(a * hprev[j] + durow[j] * bn)
                         if has_z:
                             yrow = zt[i]
                             for j in range(w):
@@ -340,7 +350,7 @@ if AVAILABLE:
                             gb = gh * bn
                             gdlrow[j] += ga * ablk[j] + gb * uurow[j]
                             gurow[j] += gb * dlrow[j]
-                            crow[j] = a * gh
+                            crow[j] = _flush(a * gh)
                         dB_part[b, g, blk, t0 + i, n] = _lanesum(rowb, wpad)
                         dC_part[b, g, blk, t0 + i, n] = _lanesum(rowc, wpad)
                 for n in range(N):
