@@ -75,8 +75,8 @@ def report(run: Path, target: float, init_psnr: float | None) -> str:
         a, b = fit
         lines.append(f"Fit: gain = {a:+.3f} {b:+.3f}·log10(step) dB.")
         if b <= 0:
-            lines.append(f"The gain does not grow with the steps in this window: a +{target:.2f} dB target "
-                         "is not reached by training longer at this setting.")
+            lines.append(f"The gain did not grow over this window, so no extrapolation to +{target:.2f} dB; "
+                         "a window this short may only show the restart of the learning-rate schedule.")
         else:
             step = 10 ** ((target - a) / b)
             hours = step * statistics.median(rates) / 3600 if rates else float("nan")
