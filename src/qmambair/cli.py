@@ -65,11 +65,9 @@ def add_restore_parser(sub: SubParsers) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (or file, one input)")
     p.add_argument("-m", "--model", required=True, metavar="MODEL",
                    help="model file (.pth/.safetensors/.qmb) or preset name (random weights: tests only)")
-    p.add_argument("--tile", type=_positive, default=None, metavar="N",
-                   help="tile size in input pixels (default: whole image at once)")
-    p.add_argument("--tile-mode", choices=("mambair", "blend"), default="mambair",
-                   help="mambair: MambaIR tester tiling, N is its threshold (200 in the paper); "
-                   "blend: N x N tiles blended without seams (default: %(default)s)")
+    from .commands.options import add_tiling_options
+
+    add_tiling_options(p, _positive)
     p.add_argument("--overlap", type=_nonnegative, default=None,
                    help="blend mode: pixels shared by neighbours (N/8)")
     p.add_argument("-r", "--recursive", action="store_true", help="look into sub-folders of input folders")

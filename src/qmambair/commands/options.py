@@ -56,3 +56,12 @@ def nonnegative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
+
+
+def add_tiling_options(p: argparse.ArgumentParser, tile_type=positive_int) -> None:
+    """``--tile N`` and ``--tile-mode`` as ``restore`` and ``test`` share them (docs/evaluation.md §3)."""
+    p.add_argument("--tile", type=tile_type, default=None, metavar="N",
+                   help="tile size in input pixels (default: whole image at once)")
+    p.add_argument("--tile-mode", choices=("mambair", "blend"), default="mambair",
+                   help="mambair: MambaIR tester tiling, N is its threshold (200 in the paper); "
+                   "blend: N x N tiles blended without seams (default: %(default)s)")

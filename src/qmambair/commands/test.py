@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import nonnegative_float, positive_int
+from .options import add_tiling_options, nonnegative_float, positive_int
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -95,11 +95,7 @@ def add_test_parser(sub: argparse._SubParsersAction) -> None:
                    help="denoising: noise sigma on the 0-255 scale (default: the model's preset)")
     p.add_argument("--quality", type=positive_int, default=None,
                    help="JPEG: quality 1-100 (default: the model's preset)")
-    p.add_argument("--tile", type=positive_int, default=None, metavar="N",
-                   help="tile size in input pixels (default: whole image at once)")
-    p.add_argument("--tile-mode", choices=("mambair", "blend"), default="mambair",
-                   help="mambair: MambaIR tester tiling, N is its threshold (200 in the paper); "
-                   "blend: N x N tiles blended without seams (default: %(default)s)")
+    add_tiling_options(p)
     p.add_argument("--self-ensemble", action="store_true",
                    help="average the outputs of the 8 flips/rotations of each input (x8)")
     p.add_argument("--csv", metavar="FILE",
