@@ -92,6 +92,9 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     return model
 
 
+ONNX_FORMATS = ("qdq", "float")
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -99,14 +102,27 @@ def export_onnx(
     batch: int = 1,
     opset: int = ONNX_OPSET,
     dynamo: bool = False,
+    fmt: str = "qdq",
+    dls_clip: bool = False,
 ) -> Path:
     """Export ``model`` (float or quantized) to ONNX for inputs of shape (batch, C, tile_h, tile_w).
 
     Input name ``input``, output name ``output``. ``dynamo=True`` uses torch.export (slower to export, same
-    graph content); the default is the TorchScript tracer. Returns the path.
+    graph content); the default is the TorchScript tracer. Quantized models are written as a QDQ graph
+    (``fmt="qdq"``: int8 weight codes, QuantizeLinear/DequantizeLinear, ``qmambair.export_qdq``; tracer
+    only; ``dls_clip`` as there) or as the fake-quant float graph (``fmt="float"``); float models ignore
+    ``fmt``. Returns the path.
     """
+    if fmt not in ONNX_FORMATS:
+        raise ValueError(f"ONNX format must be one of {', '.join(ONNX_FORMATS)}, got {fmt!r}")
     th, tw = _tile(tile)
     prepared = prepare_for_export(model)
+    if fmt == "qdq" and getattr(prepared, "quant_config", None) is not None:
+        if dynamo:
+            raise ValueError("the QDQ ONNX format needs the TorchScript tracer (dynamo=False)")
+        from .export_qdq import use_qdq
+
+        use_qdq(prepared, dls_clip=dls_clip)
     in_chans = getattr(prepared, "in_chans", 3)
     example = torch.rand(batch, in_chans, th, tw, generator=torch.Generator().manual_seed(0))
     path = Path(path)
@@ -126,14 +142,25 @@ def export_onnx(
     return path
 
 
-def run_onnx(path: str | os.PathLike, x: torch.Tensor | np.ndarray, threads: int | None = None) -> np.ndarray:
-    """Run an exported model with onnxruntime (CPU) on one input tile."""
+def onnx_session(
+    path: str | os.PathLike, threads: int | None = None, optimized_path: str | os.PathLike | None = None
+):
+    """An onnxruntime CPU session for an exported model (``threads`` intra-op threads; all graph
+    optimisations on). ``optimized_path`` also writes the graph as onnxruntime rewrote it (which fusions,
+    e.g. ``MatMulIntegerToFloat``, it made)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | os.PathLike, x: torch.Tensor | np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Run an exported model with onnxruntime (CPU) on one input tile."""
+    session = onnx_session(path, threads)
     array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     return session.run(None, {session.get_inputs()[0].name: array.astype(np.float32)})[0]
 

@@ -80,10 +80,16 @@ def run_export(args: argparse.Namespace) -> int:
         print(format_packed_info(packed_info(path)))
     if args.onnx is not None:
         with atomic_path(args.onnx) as tmp:  # an interrupted export leaves any earlier file as it was
-            export_onnx(model, tmp, tile=args.tile, batch=args.batch, dynamo=args.dynamo)
+            export_onnx(
+                model, tmp, tile=args.tile, batch=args.batch, dynamo=args.dynamo, fmt=args.onnx_format
+            )
         path = Path(args.onnx)
+        quantized = getattr(model, "quant_config", None) is not None
+        kind = ("QDQ graph, int8 weight codes" if args.onnx_format == "qdq" else "fake-quant float graph") \
+            if quantized else "float graph"
         print(
-            f"wrote {path} (input {args.batch}x{getattr(model, 'in_chans', 3)}x{args.tile[0]}x{args.tile[1]})"
+            f"wrote {path} ({kind}; input {args.batch}x{getattr(model, 'in_chans', 3)}x{args.tile[0]}x"
+            f"{args.tile[1]})"
         )
         if args.check:
             import torch
@@ -99,7 +105,7 @@ def run_export(args: argparse.Namespace) -> int:
                 f"onnxruntime vs PyTorch: PSNR {parity['psnr']:.1f} dB, max |diff| {parity['max_abs']:.2e} "
                 f"({parity['max_rel']:.1e} of max |output|)"
             )
-            failure = parity_failure(parity, getattr(model, "quant_config", None) is not None)
+            failure = parity_failure(parity, quantized)
             if failure:
                 raise ValueError(f"ONNX parity check failed: {failure}; {path} may not compute the model")
             print("parity check passed")
@@ -141,7 +147,16 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="ONNX batch size (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (never the model file itself)")
-    p.add_argument("--dynamo", action="store_true", help="ONNX via torch.export instead of the tracer")
+    p.add_argument(
+        "--onnx-format",
+        choices=("qdq", "float"),
+        default="qdq",
+        help="quantized models: 'qdq' (default) stores the weight codes as int8 and quantizes activations "
+        "with QuantizeLinear/DequantizeLinear (onnxruntime fuses some products into integer kernels); "
+        "'float' writes the fake-quant float graph. Float models always get a float graph",
+    )
+    p.add_argument("--dynamo", action="store_true",
+                   help="ONNX via torch.export instead of the tracer (not for QDQ graphs)")
     p.add_argument(
         "--check",
         action="store_true",

@@ -1,0 +1,273 @@
+"""QDQ form of quantized layers for ONNX export: integer codes in the graph, QuantizeLinear/DequantizeLinear.
+
+``use_qdq(model)`` switches every supported quantized conv / linear / projection layer of a prepared (frozen)
+model to a forward that the TorchScript exporter writes as
+
+    t = clip(x + β_a, s·Qn, s·Qp) → QuantizeLinear(s, zero point 0) → DequantizeLinear → a = s·q_a
+
+with the weight stored as int8 codes q_w (an initialiser) read through DequantizeLinear (w = s_w·q_w; per
+output channel on ``axis`` when the scale is). QuantizeLinear rounds half to even like ``torch.round`` and
+saturates to the 8-bit range; the clip to the b-bit range comes before it, so ``a`` is exactly s·round(clip((x
++ β_a)/s, Qn, Qp)) = x̂ + β_a. Zero points stay 0 because the offsets β_a (ActQuant, DLS, LSQ+) and β_w (RFA)
+are arbitrary floats; they are put back as follows (x̂ = a − β_a, Ŵ = w − β_w):
+
+- matrix products (``QLinear``, ``QProjection``): Σ_k x̂_k Ŵ_k = Σ_k a_k w_k − β_w Σ_k a_k − β_a Σ_k Ŵ_k, i.e.
+  the product of the two dequantized tensors (the pattern onnxruntime can fuse into an integer matmul) plus
+  a row-sum term and a per-output constant times the per-call β_a;
+- convolutions: x̂ = a − β_a and Ŵ = w − β_w are formed in float and convolved with zero padding. This is
+  exact without a per-position border map (at zero padding x̂ = 0 is not a code) and onnxruntime has no
+  integer convolution with a float output to fuse into anyway.
+
+DLS computes Δ, β, min and max in the graph on every call (as in PyTorch). Its final clip of x̂ to [min x,
+max x] is not affine: it is kept as float ops on x̂ in convolutions, and in matrix products only when
+``dls_clip=True`` (x̂ is then formed in float, like a convolution); by default the few clipped values (at
+most Δ/2 off, at the extremes of the tensor) are left unclipped there, which keeps the product in integer
+form (measured effect: see ``docs/method.md`` §6).
+
+Not converted (they stay as the fake-quant float ops of the plain export): layers whose activation quantizer
+is not ``ActQuant``, ``DLS``, ``LSQ`` or ``LSQPlus``, weights without affine integer codes (DoReFa's level
+table), more than 8 bits, and the scan inputs, which the scan consumes in float (docs/method.md §4.3).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from .quant.act import ActQuant
+from .quant.base import MIN_STEP
+from .quant.baselines import LSQ, LSQPlus
+from .quant.dls import DLS
+from .quant.layers import QConv2d, QLinear, QProjection
+from .quant.pack import frozen_codes
+
+ACT_QUANTIZERS = (ActQuant, DLS, LSQ, LSQPlus)
+
+
+# ------------------------------------------------------------------------------------------- Q/DQ ops
+def _axis_view(t: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
+    """A scalar, or a 1-D per-axis tensor shaped to broadcast along ``axis`` of an ``ndim`` tensor."""
+    if axis is None:
+        return t
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _zero_point(g, scale, unsigned: bool, axis: int | None):
+    dtype = torch.uint8 if unsigned else torch.int8
+    if axis is None:
+        return g.op("Constant", value_t=torch.tensor(0, dtype=dtype))
+    size = scale.type().sizes()[0]
+    return g.op("Constant", value_t=torch.zeros(size, dtype=dtype))
+
+
+class QuantizeLinear(torch.autograd.Function):
+    """ONNX QuantizeLinear with zero point 0: saturate(round_half_even(x / scale)) as int8 or uint8."""
+
+    @staticmethod
+    def forward(ctx, x, scale, axis: int | None, unsigned: bool):  # noqa: ANN001, ANN205
+        q = torch.round(x / _axis_view(scale, axis, x.dim()))
+        lo, hi = (0, 255) if unsigned else (-128, 127)
+        return q.clamp(lo, hi).to(torch.uint8 if unsigned else torch.int8)
+
+    @staticmethod
+    def symbolic(g, x, scale, axis, unsigned):  # noqa: ANN001, ANN205
+        kwargs = {} if axis is None else {"axis_i": axis}
+        return g.op("QuantizeLinear", x, scale, _zero_point(g, scale, unsigned, axis), **kwargs)
+
+
+class DequantizeLinear(torch.autograd.Function):
+    """ONNX DequantizeLinear with zero point 0: scale · q in float32."""
+
+    @staticmethod
+    def forward(ctx, q, scale, axis: int | None):  # noqa: ANN001, ANN205
+        return q.to(torch.float32) * _axis_view(scale, axis, q.dim())
+
+    @staticmethod
+    def symbolic(g, q, scale, axis):  # noqa: ANN001, ANN205
+        kwargs = {} if axis is None else {"axis_i": axis}
+        unsigned = q.type().scalarType() == "Byte"
+        return g.op("DequantizeLinear", q, scale, _zero_point(g, scale, unsigned, axis), **kwargs)
+
+
+def _scale_and_axis(scale: torch.Tensor, groups: int) -> tuple[torch.Tensor, int | None]:
+    """A per-tensor scale as a 0-d tensor (axis None), else one value per group as 1-D (axis 0)."""
+    if scale.numel() == 1:
+        return scale.reshape(()), None
+    return scale.reshape(groups), 0
+
+
+# ------------------------------------------------------------------------------------------ activations
+def _act_params(quantizer: nn.Module, x: torch.Tensor):
+    """(scale, β or None, (lo, hi) clip of x̂ or None, per-sample axis or None) of an activation quantizer,
+    with the same float expressions as its forward (the graph computes DLS's on every call)."""
+    if isinstance(quantizer, DLS):
+        delta, beta, lo, hi = quantizer.step_and_offset(x)
+        return delta, beta, (lo, hi)
+    step = quantizer.step.detach().clamp_min(MIN_STEP)
+    if isinstance(quantizer, ActQuant):
+        return step, quantizer.offset.detach(), None
+    if isinstance(quantizer, LSQPlus):
+        return step, -quantizer.offset.detach(), None
+    return step, None, None  # LSQ
+
+
+def quantize_dequantize(quantizer: nn.Module, x: torch.Tensor):
+    """(a, β_a or None, clip bounds or None) with a = s·q = x̂ + β_a computed through Q/DQ ops."""
+    scale, beta, clip = _act_params(quantizer, x)
+    per_sample = scale.dim() > 0 and scale.shape[0] > 1
+    qscale, axis = _scale_and_axis(scale, scale.shape[0] if per_sample else 1)
+    t = x if beta is None else x + beta
+    qn, qp = quantizer.qn, quantizer.qp
+    if isinstance(quantizer, DLS):  # per-call bounds
+        t = torch.minimum(torch.maximum(t, scale * qn), scale * qp)
+    else:
+        t = torch.clamp(t, float(scale * qn), float(scale * qp))
+    q = QuantizeLinear.apply(t, qscale, axis, not quantizer.is_signed)
+    return DequantizeLinear.apply(q, qscale, axis), beta, clip
+
+
+def _float_activation(quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x̂ in float from the Q/DQ pair: a − β_a, clipped to [min x, max x] for DLS."""
+    a, beta, clip = quantize_dequantize(quantizer, x)
+    xh = a if beta is None else a - beta
+    if clip is not None:
+        xh = torch.minimum(torch.maximum(xh, clip[0]), clip[1])
+    return xh
+
+
+def _per_sample_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.reshape(t.shape[:1] + (1,) * (ndim - 1)) if t.dim() > 0 else t
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def supported(layer: nn.Module) -> str | None:
+    """Why ``layer`` (a quantized conv / linear / projection) cannot be written as QDQ, or None if it can."""
+    act = layer.act_quant
+    if not isinstance(act, ACT_QUANTIZERS):
+        return f"{type(act).__name__} activations"
+    if act.bits > 8:
+        return f"{act.bits}-bit activations"
+    codes = frozen_codes(layer.weight_quant)
+    if codes is None:
+        return "weights not frozen (prepare_for_export first)"
+    if getattr(layer.weight_quant, "frozen_levels", None) is not None:
+        return f"{type(layer.weight_quant).__name__} weights (a level table, not scale·codes − offset)"
+    if layer.weight_quant.bits > 8:
+        return f"{layer.weight_quant.bits}-bit weights"
+    return None
+
+
+def _per_output(t: torch.Tensor, n_out: int) -> torch.Tensor:
+    """A weight scale/offset as a scalar (per tensor) or a (n_out,) vector (per output)."""
+    if t.numel() == 1:
+        return t.reshape(())
+    flat = t.reshape(-1)
+    if flat.numel() != n_out:
+        raise NotImplementedError(f"weight scale of shape {tuple(t.shape)} is not per tensor or per output")
+    return flat
+
+
+def _dequantized_weight(codes: torch.Tensor, scale: torch.Tensor, n_out: int, axis: int) -> torch.Tensor:
+    """w = scale·codes through DequantizeLinear (per output channel along ``axis`` if the scale is)."""
+    s = _per_output(scale, n_out)
+    return DequantizeLinear.apply(codes, s, None if s.dim() == 0 else axis)
+
+
+# ------------------------------------------------------------------------------------------- forwards
+def _matmul_correction(a, beta, w_hat_sum, bw, reduce_dim: int, out_view) -> list[torch.Tensor]:  # noqa: ANN001
+    """−β_w Σ_k a_k − β_a Σ_k Ŵ_k, broadcastable to the product's output."""
+    terms = []
+    if bw is not None:
+        terms.append(a.sum(reduce_dim, keepdim=True) * out_view(bw))
+    if beta is not None:
+        terms.append(_per_sample_view(beta, a.dim()) * out_view(w_hat_sum))
+    return terms
+
+
+def qdq_linear(self: QLinear, x: torch.Tensor) -> torch.Tensor:
+    n_out = self.out_features
+    w = _dequantized_weight(self.qdq_codes, self.qdq_scale, n_out, axis=1)  # (in, out)
+    if self.qdq_float_act:
+        w = w if self.qdq_bw is None else w - self.qdq_bw
+        y = torch.matmul(_float_activation(self.act_quant, x), w)
+    else:
+        a, beta, _ = quantize_dequantize(self.act_quant, x)
+        y = torch.matmul(a, w)
+        for term in _matmul_correction(a, beta, self.qdq_wsum, self.qdq_bw, -1, lambda t: t):
+            y = y - term
+    return y if self.bias is None else y + self.bias
+
+
+def qdq_projection(self: QProjection, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(b, K, d, L) x (K, c, d) -> (b, K, c, L) as MatMul(w, a) with w (K, c, d) dequantized from codes."""
+    k, c, d = self.qdq_shape
+    w = _dequantized_weight(self.qdq_codes, self.qdq_scale, k * c, axis=0).reshape(k, c, d)
+    if self.qdq_float_act:
+        bw = 0 if self.qdq_bw is None else self.qdq_bw.reshape(k, c, 1)
+        return torch.matmul(w - bw, _float_activation(self.act_quant, x))
+    a, beta, _ = quantize_dequantize(self.act_quant, x)
+    y = torch.matmul(w, a)
+
+    def view(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(k, c, 1) if t.dim() > 0 else t
+
+    for term in _matmul_correction(a, beta, self.qdq_wsum, self.qdq_bw, 2, view):
+        y = y - term
+    return y
+
+
+def qdq_conv2d(self: QConv2d, x: torch.Tensor) -> torch.Tensor:
+    w = _dequantized_weight(self.qdq_codes, self.qdq_scale, self.out_channels, axis=0)
+    if self.qdq_bw is not None:
+        w = w - (self.qdq_bw.reshape(-1, 1, 1, 1) if self.qdq_bw.dim() else self.qdq_bw)
+    # The bias is a separate Add: onnxruntime rewrites a float bias of a Conv whose inputs come from
+    # DequantizeLinear into int32 codes of scale s_a·s_w (rounding it), which would change the result.
+    y = self._conv_forward(_float_activation(self.act_quant, x), w, None)
+    return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
+
+
+def _prepare(layer: nn.Module, dls_clip: bool) -> None:
+    """Attach the QDQ state to ``layer``: int8 codes and the weight scale as (persistent) buffers, so the
+    exporter writes them as initialisers; the weight offset and Σ_k Ŵ_k as constants of the forward."""
+    codes, scale, offset = frozen_codes(layer.weight_quant)
+    codes = codes.to(torch.int8)
+    if isinstance(layer, QLinear):
+        codes = codes.t().contiguous()  # (in, out): MatMul(a, w) with the scale on axis 1
+    elif isinstance(layer, QProjection):  # (K, c, d) stored as (K·c, d): a per-output scale is on axis 0
+        layer.qdq_shape = tuple(codes.shape)
+        codes = codes.reshape(-1, codes.shape[-1])
+    layer.register_buffer("qdq_codes", codes)
+    layer.register_buffer("qdq_scale", scale.detach().float().clone())
+    n_out = codes.shape[0] if isinstance(layer, QProjection) else layer.weight.shape[0]
+    offset = _per_output(offset.detach().float(), n_out)
+    layer.qdq_bw = offset.clone() if bool(offset.ne(0).any()) else None
+    layer.qdq_float_act = isinstance(layer.act_quant, DLS) and dls_clip
+    w_hat = layer.weight_quant.frozen_weight.detach().float()
+    layer.qdq_wsum = w_hat.sum(-1) if isinstance(layer, QLinear | QProjection) else None
+
+
+_FORWARDS = {QConv2d: qdq_conv2d, QLinear: qdq_linear, QProjection: qdq_projection}
+
+
+def use_qdq(model: nn.Module, dls_clip: bool = False) -> dict[str, str]:
+    """Switch supported quantized layers of a frozen model to their QDQ forward (in place).
+
+    Returns the quantized layers left in fake-quant: path -> why. ``dls_clip`` keeps DLS's clip to [min x,
+    max x] in matrix products too (float activation there; see the module docstring).
+    """
+    left = {}
+    for path, module in model.named_modules():
+        forward = _FORWARDS.get(type(module))
+        if forward is None:
+            continue
+        why = supported(module)
+        if why is not None:
+            left[path] = why
+            continue
+        _prepare(module, dls_clip)
+        module.forward = types.MethodType(forward, module)
+    return left

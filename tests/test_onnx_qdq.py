@@ -1,0 +1,151 @@
+"""QDQ ONNX export of quantized models (``qmambair.export_qdq``): the file holds the weight codes as int8
+initialisers read through DequantizeLinear, activations go through QuantizeLinear/DequantizeLinear, and
+onnxruntime's output matches the PyTorch fake-quant model (≥ 40 dB, far above in practice) for shipped and
+freshly quantized models; dropping the offset corrections breaks the parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qmambair.cli import main
+from qmambair.export_onnx import QUANT_MIN_PSNR, export_onnx, onnx_parity, onnx_session, psnr_against
+from qmambair.loading import load_model
+from qmambair.quant import QuantConfig
+from qmambair.quant.layers import QConv2d, QLinear, QProjection
+from qmambair.quant.pack import PROJECTION_WEIGHTS, export_packed, weight_codes
+
+from .test_onnx import real_tile, reference, small_model
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+WEIGHTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "src" / "qmambair" / "weights"
+QLAYERS = (QConv2d, QLinear, QProjection)
+
+
+def shipped_block(name: str) -> torch.nn.Module:
+    """A shipped packed model cut to its first residual group with two blocks (trained quantizers with real
+    offsets, a graph small enough to export in seconds): head, one group, body conv and tail as shipped."""
+    model = load_model(WEIGHTS / f"{name}.qmb").eval()
+    model.layers = model.layers[:1]
+    group = model.layers[0].residual_group
+    group.blocks = group.blocks[:2]
+    return model
+
+
+def layer_weight(model: torch.nn.Module, path: str, layer: torch.nn.Module) -> torch.Tensor:
+    if isinstance(layer, QProjection):
+        parent, _, attr = path.rpartition(".")
+        return getattr(model.get_submodule(parent), PROJECTION_WEIGHTS[attr])
+    return layer.weight
+
+
+def graph_ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_qdq_graph_holds_the_weight_codes_as_int8(tmp_path):
+    x = real_tile(16)
+    model = small_model(QuantConfig(bits=4), real_tile())  # RFA weights, DLS + ActQuant activations
+    path = export_onnx(model, tmp_path / "m.onnx", tile=16)
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    inits = {t.name: t for t in graph.initializer}
+    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, QLAYERS)]
+    assert len(layers) > 10
+    assert ops.count("QuantizeLinear") == len(layers)  # one per quantized layer's input
+    assert ops.count("DequantizeLinear") == 2 * len(layers)  # its activation and its weight
+    for path_, layer in layers:
+        # oracle: the codes of the model itself (unfrozen: computed from its float weight)
+        codes, _, _ = weight_codes(layer.weight_quant, layer_weight(model, path_, layer))
+        stored = inits[f"{path_}.qdq_codes"]
+        assert stored.data_type == onnx.TensorProto.INT8, path_
+        array = onnx.numpy_helper.to_array(stored).astype(np.int64)
+        expected = codes.t() if isinstance(layer, QLinear) else codes.reshape(array.shape)
+        assert np.array_equal(array, expected.numpy()), path_
+        assert f"{path_}.weight" not in inits  # no float copy of the weight
+    assert run_psnr(model, path, x) > 100
+
+
+def run_psnr(model: torch.nn.Module, path, x: torch.Tensor) -> float:
+    session = onnx_session(path)
+    out = session.run(None, {"input": x.numpy()})[0]
+    return psnr_against(reference(model, x), out)
+
+
+SHIPPED = ["light-sr-x4-qmambair-w4a4", "light-sr-x4-qmambair-w2a2", "light-sr-x4-lsq-w2a2"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_models_match_pytorch(tmp_path, name):
+    x = real_tile(32)
+    model = shipped_block(name)
+    path = export_onnx(model, tmp_path / "m.onnx", tile=32)
+    assert "QuantizeLinear" in graph_ops(path)
+    parity = onnx_parity(model, path, x)
+    assert parity["psnr"] >= QUANT_MIN_PSNR, parity
+    assert parity["psnr"] > 60, parity  # measured > 100 dB; 40 dB is the CLI's bar
+
+
+@pytest.mark.parametrize(
+    "config,batch",
+    [
+        (QuantConfig(bits=4, dls_per_sample=True), 2),  # DLS statistics per sample: per-axis Q/DQ
+        (QuantConfig(method="lsq", bits=2), 1),  # no offsets at all
+        (QuantConfig(method="lsq+", bits=3), 1),  # unsigned activations (uint8), per-channel weights
+    ],
+    ids=["qmambair-dls-per-sample-b2", "lsq-w2a2", "lsq+-w3a3"],
+)
+def test_fresh_models_match_pytorch(tmp_path, config, batch):
+    tile = real_tile(16)
+    x = torch.cat([tile, tile.flip(-1) * 0.5][:batch])
+    model = small_model(config, real_tile())
+    path = export_onnx(model, tmp_path / "m.onnx", tile=16, batch=batch)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= graph_ops(path)
+    assert run_psnr(model, path, x) > 100
+
+
+def test_unsupported_activations_stay_fake_quant(tmp_path):
+    """PAMS activations have no QDQ form: those layers keep the fake-quant float ops; the graph matches."""
+    x = real_tile(16)
+    model = small_model(QuantConfig(method="pams", bits=4), real_tile())
+    path = export_onnx(model, tmp_path / "m.onnx", tile=16)
+    assert "QuantizeLinear" not in graph_ops(path)
+    assert run_psnr(model, path, x) > 100
+
+
+def test_dropping_the_offset_corrections_breaks_parity(tmp_path, monkeypatch):
+    import qmambair.export_qdq as eq
+
+    x = real_tile(32)
+    model = shipped_block("light-sr-x4-qmambair-w4a4")  # trained offsets: β_a and β_w are not zero
+    monkeypatch.setattr(eq, "_matmul_correction", lambda *args: [])
+    path = export_onnx(model, tmp_path / "bad.onnx", tile=32)
+    assert onnx_parity(model, path, x)["psnr"] < QUANT_MIN_PSNR
+
+
+def test_cli_qdq_check_and_float_format(tmp_path, capsys):
+    x = real_tile(16)
+    model = small_model(QuantConfig(bits=4), real_tile())
+    qmb = export_packed(model, tmp_path / "m.qmb")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(qmb), "--onnx", str(out), "--tile", "16", "--check"]) == 0
+    text = capsys.readouterr().out
+    assert "QDQ" in text and "parity check passed" in text
+    assert "QuantizeLinear" in graph_ops(out) and run_psnr(model, out, x) > 100
+    # an existing file is not replaced without --overwrite
+    assert main(["export", str(qmb), "--onnx", str(out), "--tile", "16"]) != 0
+    assert "--overwrite" in capsys.readouterr().err
+    args = ["export", str(qmb), "--onnx", str(out), "--tile", "16", "--onnx-format", "float", "--overwrite"]
+    assert main([*args, "--check"]) == 0
+    assert "QuantizeLinear" not in graph_ops(out) and run_psnr(model, out, x) > 100
+
+
+def test_qdq_needs_the_tracer(tmp_path):
+    model = small_model(QuantConfig(bits=4), real_tile())
+    with pytest.raises(ValueError, match="tracer"):
+        export_onnx(model, tmp_path / "m.onnx", tile=16, dynamo=True)
+    with pytest.raises(ValueError, match="format"):
+        export_onnx(model, tmp_path / "m.onnx", tile=16, fmt="int4")
