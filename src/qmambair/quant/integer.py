@@ -41,11 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .act import ActQuant
-from .base import MIN_STEP, grad_scale, lsq_grad_factor
 from .baselines import LSQ, LSQPlus
 from .dls import DLS
+from .int8 import INT8_FORWARD, act_scalars, per_output
 from .layers import QConv2d, QLinear, QProjection
 from .pack import weight_codes
+
+KERNELS = ("int8", "exact")
 
 _F64 = torch.float64
 
@@ -66,37 +68,15 @@ class ActCodes:
 @torch.no_grad()
 def activation_codes(quantizer: nn.Module, x: torch.Tensor) -> ActCodes:
     """Integer codes of an activation, computed with the same float expressions as the quantizer's forward."""
-    if not bool(getattr(quantizer, "initialized", False)):
-        raise ValueError(
-            f"{type(quantizer).__name__} is not initialised; run a batch before integer inference"
-        )
-    qn, qp = quantizer.qn, quantizer.qp
-    if isinstance(quantizer, ActQuant):
-        s = grad_scale(quantizer.step, lsq_grad_factor(x.numel(), qp)).clamp_min(MIN_STEP)
-        return ActCodes(torch.clamp((x + quantizer.offset) / s, qn, qp).round(), s, quantizer.offset)
-    if isinstance(quantizer, LSQ):
-        s = quantizer._step(x)
-        return ActCodes(torch.clamp(x / s, qn, qp).round(), s, torch.zeros_like(s))
-    if isinstance(quantizer, LSQPlus):
-        s = grad_scale(quantizer.step, lsq_grad_factor(x.numel(), qp)).clamp_min(MIN_STEP)
-        return ActCodes(torch.clamp((x - quantizer.offset) / s, qn, qp).round(), s, -quantizer.offset)
-    if isinstance(quantizer, DLS) and x.dim() > 0:
-        delta, beta, lo, hi = quantizer.step_and_offset(x)
-        codes = torch.clamp((x + beta) / delta, qn, qp).round()
-        affine = delta.to(_F64) * codes.to(_F64) - beta.to(_F64)
-        clipped = torch.minimum(torch.maximum(affine, lo.to(_F64)), hi.to(_F64))
-        return ActCodes(codes, delta, beta, clipped - affine)
-    raise NotImplementedError(f"integer inference does not support {type(quantizer).__name__} activations")
-
-
-def _per_output(t: torch.Tensor, out_shape: tuple[int, ...], what: str) -> torch.Tensor:
-    """A weight scale/offset as one value per output channel: (prod(out_shape),)."""
-    t = t.detach().to(_F64)
-    full = len(out_shape) + 2  # enough trailing dims for any weight layout
-    t = t.reshape(tuple(t.shape) + (1,) * max(0, full - t.dim()))
-    if any(size != 1 for size in t.shape[len(out_shape) :]):
-        raise NotImplementedError(f"weight {what} varies along the reduced dims; only per-output supported")
-    return t.reshape(t.shape[: len(out_shape)]).expand(out_shape).reshape(-1)
+    s, b, lo, hi = act_scalars(quantizer, x)
+    shape = (-1,) + (1,) * (x.dim() - 1) if s.numel() > 1 else ()
+    s, b, lo, hi = (t.reshape(shape) for t in (s, b, lo, hi))
+    codes = torch.clamp((x + b) / s, quantizer.qn, quantizer.qp).round()
+    if not isinstance(quantizer, DLS):
+        return ActCodes(codes, s, b)
+    affine = s.to(_F64) * codes.to(_F64) - b.to(_F64)
+    clipped = torch.minimum(torch.maximum(affine, lo.to(_F64)), hi.to(_F64))
+    return ActCodes(codes, s, b, clipped - affine)
 
 
 def _combine(s1, s2, s3, s4, a: ActCodes, sw, bw) -> torch.Tensor:
@@ -116,8 +96,8 @@ def integer_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor:
     a = activation_codes(layer.act_quant, x)
     qw, sw, bw = weight_codes(layer.weight_quant, layer.weight)
     out_ch = layer.out_channels
-    sw = _per_output(sw, (out_ch,), "scale").view(1, -1, 1, 1)
-    bw = _per_output(bw, (out_ch,), "offset").view(1, -1, 1, 1)
+    sw = per_output(sw, (out_ch,), "scale").view(1, -1, 1, 1)
+    bw = per_output(bw, (out_ch,), "offset").view(1, -1, 1, 1)
     qa, qw = a.codes.to(_F64), qw.to(_F64)
     padding = layer.padding
     if layer.padding_mode != "zeros":  # pad the codes themselves; every position is then "real"
@@ -158,7 +138,7 @@ def integer_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor:
     """QLinear forward through integer codes: no padding, so the mask sums are plain row sums."""
     a = _shape_act(activation_codes(layer.act_quant, x), x.dim())
     qw, sw, bw = weight_codes(layer.weight_quant, layer.weight)
-    sw, bw = _per_output(sw, (layer.out_features,), "scale"), _per_output(bw, (layer.out_features,), "offset")
+    sw, bw = per_output(sw, (layer.out_features,), "scale"), per_output(bw, (layer.out_features,), "offset")
     qa, qw = a.codes.to(_F64), qw.to(_F64)
     s1 = qa @ qw.T
     s2 = qa.sum(-1, keepdim=True)
@@ -177,8 +157,8 @@ def integer_projection(layer: QProjection, x: torch.Tensor, weight: torch.Tensor
     a = _shape_act(activation_codes(layer.act_quant, x), x.dim())
     qw, sw, bw = weight_codes(layer.weight_quant, weight)
     k, c, d = weight.shape
-    sw = _per_output(sw, (k, c), "scale").view(1, k, c, 1)
-    bw = _per_output(bw, (k, c), "offset").view(1, k, c, 1)
+    sw = per_output(sw, (k, c), "scale").view(1, k, c, 1)
+    bw = per_output(bw, (k, c), "offset").view(1, k, c, 1)
     qa, qw = a.codes.to(_F64), qw.to(_F64)
     s1 = torch.einsum("bkdl,kcd->bkcl", qa, qw)
     s2 = qa.sum(2, keepdim=True)
@@ -225,12 +205,27 @@ def fake_quant_layers(model: nn.Module) -> dict[str, str]:
     }
 
 
-def enable_integer_inference(model: nn.Module, strict: bool = False) -> list[str]:
+def _int8_or_exact(int8_fn, exact_fn):
+    """A forward that runs the int8 kernels and falls back to the exact emulation where they decline."""
+
+    def forward(self, *args):
+        out = int8_fn(self, *args)
+        return exact_fn(self, *args) if out is None else out
+
+    return forward
+
+
+def enable_integer_inference(model: nn.Module, strict: bool = False, kernels: str = "int8") -> list[str]:
     """Switch every supported quantized layer to integer inference (in place); returns their paths.
 
-    Unsupported layers (other activation quantizers, see the module docstring) keep the fake-quant forward
-    with a ``UserWarning`` naming them, or raise ``NotImplementedError`` with ``strict=True``.
+    ``kernels="int8"``: int8 codes and int8 x int8 -> int32 products (``qmambair.quant.int8``), falling back
+    per call to the exact float64 emulation where the int8 kernels do not apply; ``"exact"``: the float64
+    emulation only (the oracle). Unsupported layers (other activation quantizers, see the module docstring)
+    keep the fake-quant forward with a ``UserWarning`` naming them, or raise ``NotImplementedError`` with
+    ``strict=True``.
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     left = fake_quant_layers(model)
     if left and strict:
         path, why = next(iter(left.items()))
@@ -240,6 +235,8 @@ def enable_integer_inference(model: nn.Module, strict: bool = False) -> list[str
         fn = _INTEGER_FORWARD.get(type(module))
         if fn is None or path in left:
             continue
+        if kernels == "int8":
+            fn = _int8_or_exact(INT8_FORWARD[type(module)], fn)
         module.forward = types.MethodType(fn, module)
         done.append(path)
     if left:
@@ -260,9 +257,9 @@ def disable_integer_inference(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def integer_inference(model: nn.Module, strict: bool = False) -> Iterator[list[str]]:
+def integer_inference(model: nn.Module, strict: bool = False, kernels: str = "int8") -> Iterator[list[str]]:
     """Context manager: integer inference inside the block, fake-quant again after it."""
-    done = enable_integer_inference(model, strict)
+    done = enable_integer_inference(model, strict, kernels)
     try:
         yield done
     finally:

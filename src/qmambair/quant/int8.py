@@ -1,0 +1,307 @@
+"""int8 inference of quantized linear, conv and projection layers (docs/method.md §6).
+
+Each supported layer runs as: activation codes (one numba pass: x -> int8 codes and their sums), an
+int8 x int8 -> int32 matrix product (``torch._int_mm``, oneDNN's integer GEMM) or, for depthwise convs, a
+numba kernel that does the integer sums itself, then an epilogue that turns the int32 sums into float
+outputs with the exact offset corrections of ``qmambair.quant.int8_kernels`` (no dequantize-then-float
+matmul). Zero padding is exact: padded taps hold code 0 and the offset terms count only real taps.
+
+The weights' int8 codes, per-output scales and code sums are prepared once per weight (cached on the
+layer, keyed on the weight's storage and version, so an optimiser step or ``load_state_dict`` refreshes
+them). Each forward returns ``None`` where it cannot run in int8 (codes wider than int8, strided or dilated
+convs, a DLS clip correction on a conv/projection, many clipped elements); the caller then uses the exact
+float64 emulation of ``qmambair.quant.integer`` for that call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import int8_kernels as K
+from .act import ActQuant
+from .base import MIN_STEP
+from .baselines import LSQ, LSQPlus
+from .dls import DLS
+from .layers import QConv2d, QLinear, QProjection
+from .pack import weight_codes
+
+_F64 = torch.float64
+INT8_RANGE = (-128, 127)
+
+
+def act_scalars(quantizer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(s, b, lo, hi), each (G,) float32 with x̂ = clip(s·q − b, lo, hi), q = round(clip((x + b)/s, Qn, Qp)).
+
+    G is 1 (per tensor) or the batch size (DLS per sample); lo/hi are ∓inf except for DLS. The values are
+    those the quantizer's forward uses (same float32 expressions).
+    """
+    if not bool(getattr(quantizer, "initialized", False)):
+        name = type(quantizer).__name__
+        raise ValueError(f"{name} is not initialised; run a batch before integer inference")
+    inf = torch.tensor([float("inf")])
+    if isinstance(quantizer, ActQuant):
+        s, b = quantizer.step.detach().clamp_min(MIN_STEP), quantizer.offset.detach()
+    elif isinstance(quantizer, LSQ):
+        s, b = quantizer._step(x).detach(), torch.zeros(())
+    elif isinstance(quantizer, LSQPlus):
+        s, b = quantizer.step.detach().clamp_min(MIN_STEP), -quantizer.offset.detach()
+    elif isinstance(quantizer, DLS):
+        delta, beta, lo, hi = (t.detach().reshape(-1).float() for t in quantizer.step_and_offset(x))
+        return delta, beta, lo, hi
+    else:
+        name = type(quantizer).__name__
+        raise NotImplementedError(f"integer inference does not support {name} activations")
+    return s.reshape(1).float(), b.reshape(1).float(), -inf, inf
+
+
+def per_output(t: torch.Tensor, out_shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """A weight scale/offset as one float64 value per output channel: (prod(out_shape),)."""
+    t = t.detach().to(_F64)
+    full = len(out_shape) + 2  # enough trailing dims for any weight layout
+    t = t.reshape(tuple(t.shape) + (1,) * max(0, full - t.dim()))
+    if any(size != 1 for size in t.shape[len(out_shape) :]):
+        raise NotImplementedError(f"weight {what} varies along the reduced dims; only per-output supported")
+    return t.reshape(t.shape[: len(out_shape)]).expand(out_shape).reshape(-1)
+
+
+@dataclass
+class Int8Weight:
+    """A weight ready for the integer kernels (rows = output channels)."""
+
+    codes: torch.Tensor  # int8, layer-specific layout (see ``_prepare``)
+    alpha: np.ndarray  # (N,) float64 scale per output
+    beta: np.ndarray  # (N,) float64 offset per output
+    wsum: np.ndarray  # (N,) float64 Σ codes per output
+    bias: np.ndarray  # (N,) float64
+    fan_in: int
+    maps: dict  # (H, W) -> border maps of zero-padded convs
+
+
+def _fits_int8(t: torch.Tensor) -> bool:
+    return t.numel() == 0 or (int(t.min()) >= INT8_RANGE[0] and int(t.max()) <= INT8_RANGE[1])
+
+
+def _activation_fits(quantizer: nn.Module) -> bool:
+    return INT8_RANGE[0] <= int(quantizer.qn) and int(quantizer.qp) <= INT8_RANGE[1]
+
+
+def _cache_key(quantizer: nn.Module, weight: torch.Tensor) -> tuple:
+    frozen = getattr(quantizer, "frozen_codes", None)
+    source = frozen if frozen is not None else weight
+    params = tuple((p.data_ptr(), p._version) for p in quantizer.parameters())
+    return (source.data_ptr(), source._version, tuple(source.shape), params)
+
+
+def _prepare(layer: nn.Module, weight: torch.Tensor, n_out: tuple[int, ...]) -> Int8Weight | None:
+    """The layer's weight as int8 codes (cached); None if the codes do not fit int8."""
+    key = _cache_key(layer.weight_quant, weight)
+    cached = layer.__dict__.get("_int8_weight")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    codes, scale, offset = weight_codes(layer.weight_quant, weight)
+    if not _fits_int8(codes):
+        prepared = None
+    else:
+        alpha = per_output(scale, n_out, "scale").numpy().copy()
+        beta = per_output(offset, n_out, "offset").numpy().copy()
+        n = alpha.shape[0]
+        flat = codes.reshape(n, -1)
+        bias = getattr(layer, "bias", None)
+        bias = np.zeros(n) if bias is None else bias.detach().to(_F64).numpy().copy()
+        if isinstance(layer, QConv2d) and layer.groups == 1:
+            stored = codes.reshape(n, -1)  # (N, C·kh·kw): the row order of ``im2col_planes``
+        else:
+            stored = codes.reshape(codes.shape[0], -1) if not isinstance(layer, QProjection) else codes
+        prepared = Int8Weight(
+            codes=stored.to(torch.int8).contiguous(),
+            alpha=alpha,
+            beta=beta,
+            wsum=flat.sum(1).to(_F64).numpy().copy(),
+            bias=bias,
+            fan_in=flat.shape[1],
+            maps={},
+        )
+    layer.__dict__["_int8_weight"] = (key, prepared)
+    return prepared
+
+
+def _scalars(s, b, lo, hi, g: int) -> tuple[np.float32, ...]:
+    """The four activation scalars of group ``g`` (or of the only group) as numpy float32."""
+    pick = (lambda t: t[g]) if s.numel() > 1 else (lambda t: t[0])
+    return tuple(np.float32(pick(t).item()) for t in (s, b, lo, hi))
+
+
+def _clipped(x: np.ndarray, quantizer: nn.Module, sc: tuple) -> np.ndarray:
+    """Flat indices of the elements of x whose value DLS's outer clip changes (none for other quantizers)."""
+    s, b, lo, hi = sc
+    if not (np.isfinite(lo) or np.isfinite(hi)):
+        return np.empty(0, dtype=np.int64)
+    flat = x.reshape(-1)
+    count = int(K.count_clipped(flat, s, b, quantizer.qn, quantizer.qp, lo, hi))
+    if count == 0:
+        return np.empty(0, dtype=np.int64)
+    return K.clipped_indices(flat, s, b, quantizer.qn, quantizer.qp, lo, hi, count)
+
+
+def _clip_correction(x2: np.ndarray, idx: np.ndarray, sc: tuple, qn: float, qp: float) -> np.ndarray:
+    """clip(s·q − b, lo, hi) − (s·q − b) at flat indices ``idx`` of x2, in the kernels' float32 arithmetic."""
+    s, b, lo, hi = sc
+    v = x2.reshape(-1)[idx]
+    q = np.rint(np.clip((v + b) / s, np.float32(qn), np.float32(qp)))
+    y = s * q - b
+    return np.minimum(np.maximum(y, lo), hi).astype(np.float64) - y.astype(np.float64)
+
+
+@torch.no_grad()
+def int8_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """QLinear through int8 codes; DLS's clipped elements are corrected exactly (sparse rank-1 updates)."""
+    quantizer = layer.act_quant
+    if not _activation_fits(quantizer) or x.dtype != torch.float32 or x.dim() < 1:
+        return None
+    w = _prepare(layer, layer.weight, (layer.out_features,))
+    if w is None:
+        return None
+    s, b, lo, hi = act_scalars(quantizer, x)
+    groups = s.numel()
+    xg = x.contiguous().reshape(groups, -1, layer.in_features)
+    rows, k = xg.shape[1], xg.shape[2]
+    out = torch.empty(groups, rows, layer.out_features)
+    w_mat = w.codes.t()  # (K, N), column-major: oneDNN's fast layout
+    codes = np.empty((rows, k), dtype=np.int8)
+    sums = np.empty(rows, dtype=np.int32)
+    for g in range(groups):
+        x2 = xg[g].numpy()
+        sc = _scalars(s, b, lo, hi, g)
+        K.quantize_rows(x2, sc[0], sc[1], quantizer.qn, quantizer.qp, codes, sums)
+        acc = torch._int_mm(torch.from_numpy(codes), w_mat).numpy()
+        o = out[g].numpy()
+        K.rescale_rows(acc, sums, sc[0], sc[1], w.alpha, w.beta, w.wsum, float(w.fan_in), w.bias, o)
+        idx = _clipped(x2, quantizer, sc)
+        if idx.size:
+            w_hat = w.alpha[:, None] * w.codes.numpy().astype(np.float64) - w.beta[:, None]  # (N, K)
+            diff = _clip_correction(x2, idx, sc, quantizer.qn, quantizer.qp)
+            r, j = idx // k, idx % k
+            np.add.at(o, r, (diff[:, None] * w_hat[:, j].T).astype(np.float32))
+    return out.reshape(*x.shape[:-1], layer.out_features)
+
+
+def _border_maps(layer: QConv2d, w: Int8Weight, h: int, wd: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ of the real taps' weight codes per output channel and position, number of real taps per position)
+    of a zero-padded conv; single columns for 1x1 convs without padding."""
+    kh, kw = layer.kernel_size
+    if kh == kw == 1 and layer.padding == (0, 0):
+        return w.wsum[:, None].copy(), np.array([float(w.fan_in)])
+    key = (h, wd)
+    if key not in w.maps:
+        n, c = layer.out_channels, layer.in_channels
+        taps = w.codes.to(_F64).reshape(n, c, kh, kw).sum(1, keepdim=True)  # (N, 1, kh, kw)
+        ones = torch.ones(1, 1, h, wd, dtype=_F64)
+        conv = {"padding": layer.padding, "dilation": layer.dilation}
+        wsum = F.conv2d(ones, taps, **conv).reshape(n, -1).numpy().copy()
+        count = (F.conv2d(ones, torch.ones(1, 1, kh, kw, dtype=_F64), **conv) * c).reshape(-1).numpy().copy()
+        w.maps[key] = (wsum, count)
+    return w.maps[key]
+
+
+def _plain_conv(layer: QConv2d) -> bool:
+    """Stride 1, zero padding, output size = input size (what the kernels implement)."""
+    kh, kw = layer.kernel_size
+    dh, dw = layer.dilation
+    ph, pw = layer.padding if isinstance(layer.padding, tuple) else (None, None)
+    return (
+        layer.stride == (1, 1)
+        and layer.padding_mode == "zeros"
+        and ph is not None
+        and 2 * ph == dh * (kh - 1)
+        and 2 * pw == dw * (kw - 1)
+    )
+
+
+@torch.no_grad()
+def int8_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor | None:
+    """QConv2d through int8 codes: dense convs as (im2col +) int8 GEMM, depthwise ones in a numba kernel."""
+    quantizer = layer.act_quant
+    depthwise = layer.groups == layer.in_channels == layer.out_channels and layer.groups > 1
+    if (
+        not _activation_fits(quantizer)
+        or x.dtype != torch.float32
+        or x.dim() != 4
+        or not _plain_conv(layer)
+        or not (layer.groups == 1 or depthwise)
+    ):
+        return None
+    w = _prepare(layer, layer.weight, (layer.out_channels,))
+    if w is None:
+        return None
+    s, b, lo, hi = act_scalars(quantizer, x)
+    x = x.contiguous()
+    batch, c, h, wd = x.shape
+    n = layer.out_channels
+    out = torch.empty(batch, n, h, wd)
+    (kh, kw), (ph, pw), (dh, dw) = layer.kernel_size, layer.padding, layer.dilation
+    for i in range(batch):
+        sc = _scalars(s, b, lo, hi, i)
+        xi, o = x[i].numpy(), out[i].numpy()
+        if _clipped(xi, quantizer, sc).size:
+            return None  # DLS clipped some elements: the exact emulation corrects them
+        if depthwise:
+            wq = w.codes.numpy().reshape(n, kh, kw)
+            K.depthwise_conv(xi, sc[0], sc[1], quantizer.qn, quantizer.qp, wq, ph, pw, dh, dw, w.alpha,
+                             w.beta, w.bias, o)
+            continue
+        codes = np.empty((c, h * wd), dtype=np.int8)
+        sums = np.empty(h * wd, dtype=np.int32)
+        K.quantize_planes(xi.reshape(c, h * wd), sc[0], sc[1], quantizer.qn, quantizer.qp, codes, sums)
+        cols = codes
+        if (kh, kw) != (1, 1):
+            cols = np.empty((c * kh * kw, h * wd), dtype=np.int8)
+            K.im2col_planes(codes.reshape(c, h, wd), kh, kw, ph, pw, dh, dw, cols, sums)
+        acc = torch._int_mm(w.codes, torch.from_numpy(cols)).numpy()
+        wsum_map, count_map = _border_maps(layer, w, h, wd)
+        K.rescale_planes(acc, sums, sc[0], sc[1], w.alpha, w.beta, wsum_map, count_map, w.bias,
+                         o.reshape(n, h * wd))
+    return out
+
+
+@torch.no_grad()
+def int8_projection(layer: QProjection, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """QProjection (b, K, d, L) x (K, c, d) -> (b, K, c, L): one integer product per sample and direction."""
+    quantizer = layer.act_quant
+    if not _activation_fits(quantizer) or x.dtype != torch.float32 or x.dim() != 4:
+        return None
+    k, c, d = weight.shape
+    w = _prepare(layer, weight, (k, c))
+    if w is None:
+        return None
+    s, b, lo, hi = act_scalars(quantizer, x)
+    x = x.contiguous()
+    batch, _, _, length = x.shape
+    out = torch.empty(batch, k, c, length)
+    no_bias, count_map = np.zeros(c), np.array([float(d)])
+    codes = np.empty((d, length), dtype=np.int8)
+    sums = np.empty(length, dtype=np.int32)
+    acc = np.empty((c, length), dtype=np.int32)
+    for i in range(batch):
+        sc = _scalars(s, b, lo, hi, i)
+        if _clipped(x[i].numpy(), quantizer, sc).size:
+            return None
+        for j in range(k):
+            K.quantize_planes(x[i, j].numpy(), sc[0], sc[1], quantizer.qn, quantizer.qp, codes, sums)
+            if d <= K.SMALL_K:
+                K.small_project(w.codes[j].numpy(), codes, acc)
+                acc_j = acc
+            else:
+                acc_j = torch._int_mm(w.codes[j], torch.from_numpy(codes)).numpy()
+            rows = slice(j * c, (j + 1) * c)
+            wsum = w.wsum[rows, None].copy()
+            K.rescale_planes(acc_j, sums, sc[0], sc[1], w.alpha[rows], w.beta[rows], wsum, count_map, no_bias,
+                             out[i, j].numpy())
+    return out
+
+
+INT8_FORWARD = {QConv2d: int8_conv2d, QLinear: int8_linear, QProjection: int8_projection}

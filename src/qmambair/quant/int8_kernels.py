@@ -1,0 +1,247 @@
+"""numba kernels of int8 inference (``qmambair.quant.int8`` wraps them; docs/method.md §6).
+
+Notation: activation codes q_a = round(clip((x + b)/s, Qn, Qp)) with x̂ = s·q_a − b; weight codes q_w with
+Ŵ = α_n·q_w − β_n per output channel n. A product sum over the K real inputs of one output splits into
+integer sums:
+
+    Σ x̂·Ŵ = s·(α_n·Σ q_a q_w − β_n·Σ q_a) − b·(α_n·Σ q_w − β_n·K)
+
+The first integer sum is an int8 x int8 -> int32 matrix product (``torch._int_mm``) or, for depthwise convs
+and projections with a handful of inputs, integer loops here; the codes and their sums Σ q_a come from one
+pass over x (``quantize_rows`` for (positions, channels) tensors, ``quantize_planes`` for (channels,
+positions) ones), and an epilogue (``rescale_rows`` / ``rescale_planes``) turns the int32 sums into float
+outputs, with the bias. Zero padding: padded taps hold code 0, so they add nothing to the first two sums,
+and the last two count only real taps (per-position maps near the border).
+
+Codes are computed with the quantizers' float32 expressions in the same order ((x + b)/s, clip, round half
+to even), so they equal the fake-quant codes. DLS clips x̂ to [lo, hi] after dequantizing; ``count_clipped``
+and ``clipped_indices`` find the few elements where that changes the value, which the caller corrects.
+Loops are written branch-free over contiguous rows so that LLVM vectorizes them; blocks of rows or
+channels run in parallel (``prange``), with integer sums, so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised only on installs without numba
+    njit = None
+
+AVAILABLE = njit is not None
+ROWS = 256  # rows per work item of ``quantize_rows`` / ``rescale_rows``
+SPAN = 4096  # positions per work item of the (channels, positions) kernels
+SMALL_K = 8  # projections with at most this many inputs use ``small_project`` instead of a GEMM
+
+
+if AVAILABLE:
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def quantize_rows(x, s, b, qn, qp, codes, sums):
+        """x (R, K) float32 -> codes (R, K) int8 and sums (R,) int32 = Σ_k codes[r, k]."""
+        rows, k = x.shape
+        fqn, fqp = np.float32(qn), np.float32(qp)
+        for blk in prange((rows + ROWS - 1) // ROWS):
+            for r in range(blk * ROWS, min(rows, (blk + 1) * ROWS)):
+                src, dst = x[r], codes[r]
+                acc = np.float32(0.0)
+                for j in range(k):
+                    q = np.rint(min(max((src[j] + b) / s, fqn), fqp))
+                    dst[j] = np.int8(q)
+                    acc += q
+                sums[r] = np.int32(acc)
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def quantize_planes(x, s, b, qn, qp, codes, sums):
+        """x (K, R) float32 -> codes (K, R) int8 and sums (R,) int32 = Σ_k codes[k, r]."""
+        k, rows = x.shape
+        fqn, fqp = np.float32(qn), np.float32(qp)
+        for blk in prange((rows + SPAN - 1) // SPAN):
+            start, stop = blk * SPAN, min(rows, (blk + 1) * SPAN)
+            acc = np.zeros(stop - start, dtype=np.int32)
+            for j in range(k):
+                src, dst = x[j, start:stop], codes[j, start:stop]
+                for r in range(stop - start):
+                    q = np.int32(np.rint(min(max((src[r] + b) / s, fqn), fqp)))
+                    dst[r] = np.int8(q)
+                    acc[r] += q
+            sums[start:stop] = acc
+
+    @njit(cache=True, error_model="numpy")
+    def _outside(v, s, b, fqn, fqp, lo, hi):
+        y = s * np.rint(min(max((v + b) / s, fqn), fqp)) - b
+        return (y < lo) | (y > hi)
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def count_clipped(x, s, b, qn, qp, lo, hi):
+        """#{elements of the flat float32 x whose s·q − b lies outside [lo, hi]}."""
+        n = x.shape[0]
+        fqn, fqp = np.float32(qn), np.float32(qp)
+        nblk = (n + SPAN - 1) // SPAN
+        counts = np.zeros(nblk, dtype=np.int64)
+        for blk in prange(nblk):
+            c = 0
+            for i in range(blk * SPAN, min(n, (blk + 1) * SPAN)):
+                c += np.int64(_outside(x[i], s, b, fqn, fqp, lo, hi))
+            counts[blk] = c
+        return counts.sum()
+
+    @njit(cache=True, error_model="numpy")
+    def clipped_indices(x, s, b, qn, qp, lo, hi, count):
+        """The flat indices counted by ``count_clipped`` (``count`` of them), in increasing order."""
+        fqn, fqp = np.float32(qn), np.float32(qp)
+        idx = np.empty(count, dtype=np.int64)
+        m = 0
+        for i in range(x.shape[0]):
+            if m < count and _outside(x[i], s, b, fqn, fqp, lo, hi):
+                idx[m] = i
+                m += 1
+        return idx
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def rescale_rows(acc, sums, s, b, alpha, beta, wsum, k, bias, out):
+        """out[r, n] = s·(α_n·acc[r, n] − β_n·sums[r]) − b·(α_n·wsum_n − β_n·k) + bias_n (float64 math)."""
+        rows, n_out = acc.shape
+        s64, b64 = np.float64(s), np.float64(b)
+        sa = np.empty(n_out)
+        sb = np.empty(n_out)
+        col = np.empty(n_out)
+        for n in range(n_out):
+            sa[n] = s64 * alpha[n]
+            sb[n] = s64 * beta[n]
+            col[n] = bias[n] - b64 * (alpha[n] * wsum[n] - beta[n] * k)
+        for blk in prange((rows + ROWS - 1) // ROWS):
+            for r in range(blk * ROWS, min(rows, (blk + 1) * ROWS)):
+                sr = np.float64(sums[r])
+                src, dst = acc[r], out[r]
+                for n in range(n_out):
+                    dst[n] = np.float32(sa[n] * np.float64(src[n]) - sb[n] * sr + col[n])
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def rescale_planes(acc, sums, s, b, alpha, beta, wsum_map, count_map, bias, out):
+        """out[n, r] = s·(α_n·acc[n, r] − β_n·sums[r]) − b·(α_n·wsum_map[n, r'] − β_n·count_map[r']) + bias_n
+        with r' = r when the maps have one entry per position (zero-padded convs) and r' = 0 otherwise."""
+        n_out, rows = acc.shape
+        s64, b64 = np.float64(s), np.float64(b)
+        nblk = (rows + SPAN - 1) // SPAN
+        for item in prange(n_out * nblk):
+            n, blk = item // nblk, item % nblk
+            start, stop = blk * SPAN, min(rows, (blk + 1) * SPAN)
+            sa, sb = s64 * alpha[n], s64 * beta[n]
+            ba, bb = b64 * alpha[n], b64 * beta[n]
+            src, dst, sm = acc[n, start:stop], out[n, start:stop], sums[start:stop]
+            if wsum_map.shape[1] > 1:
+                wm, cm = wsum_map[n, start:stop], count_map[start:stop]
+                for r in range(stop - start):
+                    v = sa * np.float64(src[r]) - sb * np.float64(sm[r]) - (ba * wm[r] - bb * cm[r])
+                    dst[r] = np.float32(v + bias[n])
+            else:
+                const = bias[n] - (ba * wsum_map[n, 0] - bb * count_map[0])
+                for r in range(stop - start):
+                    dst[r] = np.float32(sa * np.float64(src[r]) - sb * np.float64(sm[r]) + const)
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def small_project(w, codes, acc):
+        """acc[n, r] = Σ_k w[n, k]·codes[k, r] in int32, for a few inputs k (w (N, K), codes (K, R) int8)."""
+        n_out, k = w.shape
+        rows = codes.shape[1]
+        nblk = (rows + SPAN - 1) // SPAN
+        for item in prange(n_out * nblk):
+            n, blk = item // nblk, item % nblk
+            start, stop = blk * SPAN, min(rows, (blk + 1) * SPAN)
+            dst = acc[n, start:stop]
+            dst[:] = 0
+            for j in range(k):
+                wv = np.int32(w[n, j])
+                src = codes[j, start:stop]
+                for r in range(stop - start):
+                    dst[r] += wv * np.int32(src[r])
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def im2col_planes(codes, kh, kw, ph, pw, dh, dw, cols, sums):
+        """codes (C, H, W) int8 -> cols (C·kh·kw, H·W) int8 for a stride-1 zero-padded conv (dilation dh, dw)
+        with output size H x W; row c·kh·kw + i·kw + j holds tap (i, j) of channel c (padded taps: 0), which
+        is the (N, C, kh, kw) weight layout flattened. sums (H·W,) int32 = Σ of each position's real taps."""
+        c_in, h, w = codes.shape
+        for c in prange(c_in):
+            for i in range(kh):
+                for j in range(kw):
+                    row = (c * kh + i) * kw + j
+                    dy, dx = i * dh - ph, j * dw - pw
+                    for y in range(h):
+                        yy = y + dy
+                        base = y * w
+                        if yy < 0 or yy >= h:
+                            cols[row, base : base + w] = 0
+                            continue
+                        x0, x1 = max(0, -dx), min(w, w - dx)
+                        cols[row, base : base + x0] = 0
+                        cols[row, base + x1 : base + w] = 0
+                        cols[row, base + x0 : base + x1] = codes[c, yy, x0 + dx : x1 + dx]
+        n_rows = cols.shape[0]
+        positions = h * w
+        for blk in prange((positions + SPAN - 1) // SPAN):
+            start, stop = blk * SPAN, min(positions, (blk + 1) * SPAN)
+            acc = np.zeros(stop - start, dtype=np.int32)
+            for row in range(n_rows):
+                src = cols[row, start:stop]
+                for p in range(stop - start):
+                    acc[p] += np.int32(src[p])
+            sums[start:stop] = acc
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def depthwise_conv(x, s, b, qn, qp, wq, ph, pw, dh, dw, alpha, beta, bias, out):
+        """Depthwise stride-1 zero-padded conv (dilation dh, dw, output size = input size) of one sample,
+        x (C, H, W) float32 -> out (C, H, W): per channel plane, codes into a zero-bordered buffer, the two
+        data sums (Σ q_a q_w, Σ q_a) accumulated tap by tap over whole rows, then the rescale, where the two
+        weight sums (Σ q_w, #taps over the real taps) are constants away from the border."""
+        c_in, h, w = x.shape
+        kh, kw = wq.shape[1], wq.shape[2]
+        fqn, fqp = np.float32(qn), np.float32(qp)
+        s64, b64 = np.float64(s), np.float64(b)
+        hp, wp = h + 2 * ph, w + 2 * pw
+        for c in prange(c_in):
+            q = np.zeros((hp, wp), dtype=np.int32)
+            for y in range(h):
+                src, dst = x[c, y], q[y + ph, pw : pw + w]
+                for xx in range(w):
+                    dst[xx] = np.int32(np.rint(min(max((src[xx] + b) / s, fqn), fqp)))
+            s1 = np.zeros((h, w), dtype=np.int32)
+            s2 = np.zeros((h, w), dtype=np.int32)
+            for i in range(kh):
+                for j in range(kw):
+                    wv = np.int32(wq[c, i, j])
+                    for y in range(h):
+                        src = q[y + i * dh, j * dw : j * dw + w]
+                        d1, d2 = s1[y], s2[y]
+                        for xx in range(w):
+                            d1[xx] += wv * src[xx]
+                            d2[xx] += src[xx]
+            a_c, b_c = alpha[c], beta[c]
+            wsum_c = 0
+            for i in range(kh):
+                for j in range(kw):
+                    wsum_c += np.int32(wq[c, i, j])
+            sa, sb = s64 * a_c, s64 * b_c
+            const = bias[c] - b64 * (a_c * wsum_c - b_c * kh * kw)  # all taps real (interior)
+            for y in range(h):
+                d1, d2, dst = s1[y], s2[y], out[c, y]
+                for xx in range(w):
+                    dst[xx] = np.float32(sa * d1[xx] - sb * d2[xx] + const)
+            for y in range(h):  # border: only the real taps count in Σ q_w and #taps
+                inner_row = ph <= y < h - ph
+                for xx in range(w):
+                    if inner_row and pw <= xx < w - pw:
+                        continue
+                    s3 = 0
+                    s4 = 0
+                    for i in range(kh):
+                        yy = y + i * dh - ph
+                        for j in range(kw):
+                            xj = xx + j * dw - pw
+                            if 0 <= yy < h and 0 <= xj < w:
+                                s3 += np.int32(wq[c, i, j])
+                                s4 += 1
+                    v = sa * s1[y, xx] - sb * s2[y, xx] - b64 * (a_c * s3 - b_c * s4)
+                    out[c, y, xx] = np.float32(v + bias[c])
