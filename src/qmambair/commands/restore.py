@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +171,19 @@ def _load(spec: str, device: str) -> torch.nn.Module:
     return load_model(spec).to(device).eval()
 
 
+def inference_mode(model: torch.nn.Module, spec: str, device: str, fake_quant: bool) -> str:
+    """Switch a packed (.qmb) model on CPU to int8 integer inference unless ``fake_quant``; returns the mode
+    the model will run in: "float", "fake-quant" or "int8"."""
+    if getattr(model, "quant_config", None) is None:
+        return "float"
+    if fake_quant or Path(spec).suffix.lower() != ".qmb" or torch.device(device).type != "cpu":
+        return "fake-quant"
+    from ..quant.integer import enable_integer_inference
+
+    enable_integer_inference(model)
+    return "int8"
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Refuse bad option values and combinations before anything is read (``UsageError``, exit code 2)."""
     from ..data.io import WRITE_FORMATS
@@ -210,9 +224,11 @@ def run_restore(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir() and not (single and out.suffix.lower() in IMAGE_SUFFIXES):
         raise UserError(f"-o {out} is a file; give a folder for the outputs")
     model = _load(args.model, args.device)
+    mode = inference_mode(model, args.model, args.device, getattr(args, "fake_quant", False))
     jobs = plan_jobs(images, Path(args.output), args.suffix, single, args.overwrite_input)
     protect = [] if args.overwrite_input else [src for src, _ in images]
     done, skipped, failed = 0, 0, len(missing)
+    seconds = 0.0
     bar = tqdm(jobs, desc="restore", unit="img", disable=True if args.quiet else None, file=sys.stderr)
     for job in bar:
         if job.problem:
@@ -224,12 +240,18 @@ def run_restore(args: argparse.Namespace) -> int:
             tqdm.write(f"skipped {job.src}: {job.dst} exists (--overwrite replaces it)", file=sys.stderr)
             continue
         try:
+            start = time.perf_counter()
             restore_file(model, job, args, protect)
+            elapsed = time.perf_counter() - start
         except (ImageReadError, OSError, ValueError) as exc:
             failed += 1
             tqdm.write(f"FAILED  {job.src}: {exc}", file=sys.stderr)
             continue
         done += 1
+        seconds += elapsed
+        if not args.quiet:
+            tqdm.write(f"{job.src} -> {job.dst}: {elapsed:.2f} s ({mode})", file=sys.stderr)
     bar.close()
-    print(f"restored {done}, skipped {skipped}, failed {failed} -> {args.output}", file=sys.stderr)
+    per_image = f", {seconds / done:.2f} s per image ({mode})" if done else ""
+    print(f"restored {done}, skipped {skipped}, failed {failed} -> {args.output}{per_image}", file=sys.stderr)
     return 1 if failed else 0

@@ -1,0 +1,238 @@
+"""int8 integer inference (qmambair.quant.int8): int8 codes, integer products, exact offset corrections.
+
+Oracles: the layers' own fake-quant forward (float conv / matmul of x̂ and Ŵ, no integer codes) and int64
+arithmetic on the codes; never the int8 kernels themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from qmambair.loading import load_model
+from qmambair.models import shipped
+from qmambair.quant import DLS, LSQ, RFA, ActQuant, QConv2d, QLinear
+from qmambair.quant import int8_kernels as K
+from qmambair.quant.int8 import int8_conv2d, int8_linear, int8_projection
+from qmambair.quant.integer import enable_integer_inference, integer_inference
+from qmambair.quant.layers import QProjection
+
+from .test_integer import astronaut, rel_err
+
+REL = 1e-5
+pytestmark = pytest.mark.skipif(not K.AVAILABLE, reason="needs numba")
+
+
+def _train_init(layer: torch.nn.Module, *inputs: torch.Tensor) -> None:
+    layer.train()
+    with torch.no_grad():
+        layer(*inputs)
+    layer.eval()
+
+
+def _offsets(layer: torch.nn.Module, act_offset: float = 0.7) -> None:
+    """Sizeable activation/weight offsets: padded zeros are then far from code 0 and β_w matters."""
+    with torch.no_grad():
+        if isinstance(layer.act_quant, ActQuant):
+            layer.act_quant.offset.fill_(act_offset)
+        if isinstance(layer.weight_quant, RFA):
+            layer.weight_quant.beta.fill_(0.013)
+            layer.weight_quant.anchors.add_(0.2 * torch.rand(layer.weight_quant.anchors.shape) - 0.1)
+
+
+def conv(bits: int, cin: int, cout: int, k: int, **kwargs) -> QConv2d:
+    torch.manual_seed(bits * 10 + k)
+    layer = QConv2d(cin, cout, k, act_quant=ActQuant(bits), weight_quant=RFA(bits), **kwargs)
+    _train_init(layer, torch.randn(2, cin, 9, 9))
+    _offsets(layer)
+    return layer
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(cin=8, cout=6, k=1),
+        dict(cin=8, cout=6, k=3, padding=1),
+        dict(cin=5, cout=7, k=5, padding=2),
+        dict(cin=8, cout=8, k=3, padding=1, groups=8),
+        dict(cin=6, cout=6, k=3, padding=2, dilation=2, groups=6),
+    ],
+    ids=["1x1", "3x3", "5x5", "depthwise", "depthwise-dilated"],
+)
+def test_conv_matches_fake_quant(bits, shape):
+    shape = dict(shape)
+    layer = conv(bits, shape.pop("cin"), shape.pop("cout"), shape.pop("k"), **shape)
+    x = torch.randn(2, layer.in_channels, 11, 10) - 0.3
+    with torch.no_grad():
+        out = int8_conv2d(layer, x)
+        assert out is not None, "the int8 kernels handle this conv"
+        assert rel_err(out, layer(x)) <= REL
+
+
+def test_conv_border_terms_matter():
+    """Near the border only real taps count: a variant that treats padded taps as code 0 with the interior's
+    constant weight sums is off there (the maps are needed), while equal inside."""
+    layer = conv(4, 6, 5, 3, padding=1)
+    x = torch.randn(1, 6, 8, 8)
+    with torch.no_grad():
+        ref = layer(x)
+        out = int8_conv2d(layer, x)
+        w = layer.__dict__["_int8_weight"][1]
+        w.maps[(8, 8)] = (np.repeat(w.wsum[:, None], 64, 1), np.full(64, float(w.fan_in)))  # sabotage
+        wrong = int8_conv2d(layer, x)
+    assert rel_err(out, ref) <= REL
+    border = torch.ones(8, 8, dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    assert rel_err(wrong[..., ~border], ref[..., ~border]) <= REL
+    assert rel_err(wrong[..., border], ref[..., border]) > 1e-3
+
+
+@pytest.mark.parametrize("act", ["actquant", "lsq", "dls", "dls-per-sample"])
+def test_linear_matches_fake_quant(act):
+    torch.manual_seed(1)
+    quant = {
+        "actquant": lambda: ActQuant(4),
+        "lsq": lambda: LSQ(3),
+        "dls": lambda: DLS(2),
+        "dls-per-sample": lambda: DLS(4, per_sample=True),
+    }[act]()
+    layer = QLinear(24, 10, bias=True, act_quant=quant, weight_quant=RFA(3))
+    _train_init(layer, torch.randn(3, 7, 24))
+    _offsets(layer)
+    x = torch.randn(3, 7, 24).exp() if act.startswith("dls") else torch.randn(3, 7, 24)
+    with torch.no_grad():
+        out = int8_linear(layer, x)
+        assert out is not None
+        assert rel_err(out, layer(x)) <= REL
+
+
+def test_linear_dls_clip_correction_is_needed():
+    """Skewed inputs make DLS clip its rounded maximum; without the sparse correction the result is off."""
+    torch.manual_seed(0)
+    layer = QLinear(16, 8, bias=True, act_quant=DLS(2), weight_quant=RFA(2))
+    _train_init(layer, torch.randn(4, 16))
+    for seed in range(50):  # skewed inputs: the rounded maximum often lands above max(x) and is clipped
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(seed)).exp()
+        s, b, lo, hi = (t.reshape(-1)[0].item() for t in layer.act_quant.step_and_offset(x))
+        q = torch.clamp((x + b) / s, layer.act_quant.qn, layer.act_quant.qp).round()
+        clipped = int(((s * q - b > hi) | (s * q - b < lo)).sum())
+        if clipped:
+            break
+    assert clipped > 0, "this input exercises the correction"
+    with torch.no_grad():
+        ref = layer(x)
+        assert rel_err(int8_linear(layer, x), ref) <= REL
+        layer.act_quant.step_and_offset = lambda t: tuple(  # hide the clip bounds: no correction
+            v if i < 2 else torch.full_like(v, math.inf * (1 if i == 3 else -1))
+            for i, v in enumerate(DLS.step_and_offset(layer.act_quant, t))
+        )
+        assert rel_err(int8_linear(layer, x), ref) > 1e-4
+
+
+@pytest.mark.parametrize("d", [4, 24])  # the small-K numba product and the int8 GEMM
+def test_projection_matches_fake_quant(d):
+    torch.manual_seed(d)
+    layer = QProjection(ActQuant(4), RFA(4))
+    weight = torch.randn(4, 9, d) * 0.3
+    x = torch.randn(2, 4, d, 37)
+    _train_init(layer, x, weight)
+    _offsets(layer)
+    with torch.no_grad():
+        out = int8_projection(layer, x, weight)
+        assert out is not None
+        assert rel_err(out, layer(x, weight)) <= REL
+
+
+def test_kernels_integer_products_are_exact():
+    """small_project and the int8 GEMM against int64 arithmetic on random codes."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-128, 128, (9, 5)).astype(np.int8)
+    codes = rng.integers(-128, 128, (5, 4099)).astype(np.int8)
+    acc = np.empty((9, 4099), dtype=np.int32)
+    K.small_project(w, codes, acc)
+    exact = w.astype(np.int64) @ codes.astype(np.int64)
+    assert np.array_equal(acc, exact)
+    gemm = torch._int_mm(torch.from_numpy(w), torch.from_numpy(codes)).numpy()
+    assert np.array_equal(gemm, exact)
+
+
+def test_wide_codes_fall_back_to_exact_emulation():
+    """8-bit unsigned activations (codes up to 255) do not fit int8: the layer declines and the enabled model
+    still matches fake-quant through the float64 emulation."""
+    torch.manual_seed(2)
+    layer = QConv2d(4, 4, 3, padding=1, act_quant=ActQuant(8, signed=False), weight_quant=RFA(8))
+    _train_init(layer, torch.rand(1, 4, 8, 8))
+    x = torch.rand(1, 4, 8, 8)
+    with torch.no_grad():
+        assert int8_conv2d(layer, x) is None
+        ref = layer(x)
+        model = torch.nn.Sequential(layer)
+        with integer_inference(model):
+            assert rel_err(model(x), ref) <= REL
+
+
+def test_weight_cache_follows_the_weight():
+    layer = conv(4, 6, 6, 1)
+    x = torch.randn(1, 6, 5, 5)
+    with torch.no_grad():
+        before = int8_conv2d(layer, x)
+        layer.weight.mul_(-1.5)  # an in-place update (like an optimiser step) bumps the version
+        after = int8_conv2d(layer, x)
+        assert rel_err(after, layer(x)) <= REL
+        assert rel_err(after, before) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["light-sr-x4-qmambair-w4a4", "light-sr-x2-lsq-w2a2"])
+def test_shipped_model_int8_matches_fake_quant(name):
+    """End to end on a real image: at least 50 dB against fake-quant, and every quantized layer in int8."""
+    model = load_model(shipped.shipped_path(name)).eval()
+    x = astronaut(40, 40)
+    with torch.no_grad():
+        ref = model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no layer left in fake-quant
+            done = enable_integer_inference(model)
+        calls = {"int8": 0}
+        import qmambair.quant.integer as integer
+
+        assert done
+        original = dict(integer.INT8_FORWARD)
+        for kind, fn in original.items():
+            def counting(*args, fn=fn):
+                out = fn(*args)
+                calls["int8"] += out is not None
+                return out
+            integer.INT8_FORWARD[kind] = counting
+        try:
+            integer.disable_integer_inference(model)
+            enable_integer_inference(model)
+            out = model(x)
+        finally:
+            integer.INT8_FORWARD.update(original)
+            integer.disable_integer_inference(model)
+    mse = float(((out.double() - ref.double()) ** 2).mean())
+    assert 10 * math.log10(1 / mse) >= 50
+    assert calls["int8"] >= len(done)  # each layer ran its int8 kernels (no silent fallback)
+
+
+def test_restore_uses_int8_for_packed_models(tmp_path, capsys):
+    """``qmambair restore`` runs a .qmb in int8 by default and says so with the time per image; --fake-quant
+    runs the float path; the two images agree to within 8-bit rounding almost everywhere."""
+    from qmambair.cli import main
+    from qmambair.data.io import read_image, write_image
+
+    src = write_image(tmp_path / "a.png", astronaut(24, 20)[0].permute(1, 2, 0).numpy())
+    model = str(shipped.shipped_path("light-sr-x4-qmambair-w4a4"))
+    assert main(["restore", str(src), "-o", str(tmp_path / "int8.png"), "-m", model]) == 0
+    err = capsys.readouterr().err
+    assert "s per image (int8)" in err and "(int8)" in err.splitlines()[0]
+    assert main(["restore", str(src), "-o", str(tmp_path / "fake.png"), "-m", model, "--fake-quant"]) == 0
+    assert "s per image (fake-quant)" in capsys.readouterr().err
+    a, b = read_image(tmp_path / "int8.png"), read_image(tmp_path / "fake.png")
+    assert a.shape == b.shape == (96, 80, 3)
+    assert np.abs(a - b).max() <= 2 / 255
