@@ -82,8 +82,8 @@ def add_restore_parser(sub: SubParsers) -> None:
     p.add_argument("--threads", type=_positive, default=None, metavar="N",
                    help="CPU threads for torch and the scan (default: library default)")
     p.add_argument("--fake-quant", action="store_true",
-                   help="packed .qmb models on CPU: run the fake-quant float path instead of the int8 integer "
-                   "kernels (the default), e.g. to compare outputs or times")
+                   help="packed .qmb models on CPU: run the fake-quant float path instead of the int8 "
+                   "integer kernels (the default), e.g. to compare outputs or times")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no per-image times")
 
     def run(args: argparse.Namespace) -> int:
