@@ -13,9 +13,15 @@ themselves, since they commute with the affine map, and then m = 1 everywhere.
 Exactness: the four sums are sums of products of integers. With b <= 8, |q_a| <= 255 and |q_w| <= 128, so each
 product is below 2^15 and a sum over K terms below K·2^15; every partial sum is an integer of magnitude
 < 2^53 as long as K < 2^38 (the largest K in MambaIR is 180·9 = 1620), hence exactly representable in
-float64, and every float64 addition (in any order or blocking the conv/matmul kernel picks) is exact. torch's
-CPU conv has no integer dtypes, so the sums run as float64 conv/matmul on integer-valued tensors; only the
-final rescale rounds. The result equals the fake-quant forward up to float rounding.
+float64, and every float64 addition (in any order or blocking the conv/matmul kernel picks) is exact.
+
+Two implementations. ``kernels="int8"`` (the default of ``enable_integer_inference``) computes the sums with
+int8 codes and int32 accumulation (``qmambair.quant.int8``: ``torch._int_mm`` and numba integer kernels) and
+falls back, per call, to the second one where int8 does not apply (codes wider than int8, strided convs,
+DLS clipping inside a conv or projection). ``kernels="exact"`` runs the sums as float64 conv/matmul on
+integer-valued tensors (exact by the argument above), the oracle the int8 path is tested against besides the
+fake-quant forward. Both round only in the final rescale; the result equals the fake-quant forward up to
+float rounding.
 
 Coverage. Integer sums replace the fake-quant forward only in quantized conv / linear / projection layers
 whose activation quantizer is ``ActQuant``, ``DLS`` (per tensor or per sample), ``LSQ`` or ``LSQPlus`` and
