@@ -86,7 +86,9 @@ def test_shipped_models_match_pytorch(tmp_path, name):
     assert "QuantizeLinear" in graph_ops(path)
     parity = onnx_parity(model, path, x)
     assert parity["psnr"] >= QUANT_MIN_PSNR, parity
-    assert parity["psnr"] > 60, parity  # measured > 100 dB; 40 dB is the CLI's bar
+    # measured ~140 dB: no code flips on this tile (the full models at 64x64 flip a few: ~62 dB, as the
+    # fake-quant float graph). Dropping the offset terms of the products gives ~50 dB here.
+    assert parity["psnr"] > 100, parity
 
 
 @pytest.mark.parametrize(
@@ -108,12 +110,17 @@ def test_fresh_models_match_pytorch(tmp_path, config, batch):
 
 
 def test_unsupported_activations_stay_fake_quant(tmp_path):
-    """PAMS activations have no QDQ form: those layers keep the fake-quant float ops; the graph matches."""
+    """PAMS activations have no QDQ form: those layers keep the fake-quant float ops, so the QDQ export is
+    the float-format export. (Both sit at ~48 dB here, not > 100: onnxruntime's graph optimisations move
+    PAMS's rounding; with them disabled the graph gives ~137 dB.)"""
     x = real_tile(16)
     model = small_model(QuantConfig(method="pams", bits=4), real_tile())
     path = export_onnx(model, tmp_path / "m.onnx", tile=16)
+    plain = export_onnx(model, tmp_path / "plain.onnx", tile=16, fmt="float")
     assert "QuantizeLinear" not in graph_ops(path)
-    assert run_psnr(model, path, x) > 100
+    out = onnx_session(path).run(None, {"input": x.numpy()})[0]
+    assert np.array_equal(out, onnx_session(plain).run(None, {"input": x.numpy()})[0])
+    assert psnr_against(reference(model, x), out) >= QUANT_MIN_PSNR
 
 
 def test_dropping_the_offset_corrections_breaks_parity(tmp_path, monkeypatch):
@@ -123,7 +130,9 @@ def test_dropping_the_offset_corrections_breaks_parity(tmp_path, monkeypatch):
     model = shipped_block("light-sr-x4-qmambair-w4a4")  # trained offsets: β_a and β_w are not zero
     monkeypatch.setattr(eq, "_matmul_correction", lambda *args: [])
     path = export_onnx(model, tmp_path / "bad.onnx", tile=32)
-    assert onnx_parity(model, path, x)["psnr"] < QUANT_MIN_PSNR
+    # far below the > 100 dB of test_shipped_models_match_pytorch (measured ~50 dB: the offsets are small
+    # next to the skip connections of a cut-down model, so the CLI's 40 dB bar alone would not see it)
+    assert onnx_parity(model, path, x)["psnr"] < 70
 
 
 def test_cli_qdq_check_and_float_format(tmp_path, capsys):

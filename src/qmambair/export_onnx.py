@@ -103,14 +103,13 @@ def export_onnx(
     opset: int = ONNX_OPSET,
     dynamo: bool = False,
     fmt: str = "qdq",
-    dls_clip: bool = False,
 ) -> Path:
     """Export ``model`` (float or quantized) to ONNX for inputs of shape (batch, C, tile_h, tile_w).
 
     Input name ``input``, output name ``output``. ``dynamo=True`` uses torch.export (slower to export, same
     graph content); the default is the TorchScript tracer. Quantized models are written as a QDQ graph
     (``fmt="qdq"``: int8 weight codes, QuantizeLinear/DequantizeLinear, ``qmambair.export_qdq``; tracer
-    only; ``dls_clip`` as there) or as the fake-quant float graph (``fmt="float"``); float models ignore
+    only) or as the fake-quant float graph (``fmt="float"``); float models ignore
     ``fmt``. Returns the path.
     """
     if fmt not in ONNX_FORMATS:
@@ -122,7 +121,7 @@ def export_onnx(
             raise ValueError("the QDQ ONNX format needs the TorchScript tracer (dynamo=False)")
         from .export_qdq import use_qdq
 
-        use_qdq(prepared, dls_clip=dls_clip)
+        use_qdq(prepared)
     in_chans = getattr(prepared, "in_chans", 3)
     example = torch.rand(batch, in_chans, th, tw, generator=torch.Generator().manual_seed(0))
     path = Path(path)

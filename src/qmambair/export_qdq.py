@@ -12,17 +12,21 @@ saturates to the 8-bit range; the clip to the b-bit range comes before it, so ``
 are arbitrary floats; they are put back as follows (x̂ = a − β_a, Ŵ = w − β_w):
 
 - matrix products (``QLinear``, ``QProjection``): Σ_k x̂_k Ŵ_k = Σ_k a_k w_k − β_w Σ_k a_k − β_a Σ_k Ŵ_k, i.e.
-  the product of the two dequantized tensors (the pattern onnxruntime can fuse into an integer matmul) plus
-  a row-sum term and a per-output constant times the per-call β_a;
+  MatMul of the two dequantized tensors (the pattern onnxruntime fuses into ``MatMulIntegerToFloat``, an
+  integer matmul with a float output) minus a row-sum term and a per-output constant times the per-call β_a.
+  The row sum reads a second Q/DQ pair on the same input: a second consumer of the first pair blocks the
+  fusion. Both operands of the MatMul must come from DequantizeLinear: a float activation times a
+  dequantized weight is rewritten by onnxruntime into ``MatMulNBits``, which quantizes the activation to
+  8 bits per block (lossy; measured ~50 dB on a small model).
 - convolutions: x̂ = a − β_a and Ŵ = w − β_w are formed in float and convolved with zero padding. This is
-  exact without a per-position border map (at zero padding x̂ = 0 is not a code) and onnxruntime has no
-  integer convolution with a float output to fuse into anyway.
+  exact without a per-position border map (at zero padding x̂ = 0 is not a code), and onnxruntime has no
+  integer convolution with a float output to fuse into anyway. The bias is added after the Conv, not given
+  to it: onnxruntime rounds the float bias of a Conv fed by DequantizeLinear to int32 codes of scale s_a·s_w.
 
 DLS computes Δ, β, min and max in the graph on every call (as in PyTorch). Its final clip of x̂ to [min x,
-max x] is not affine: it is kept as float ops on x̂ in convolutions, and in matrix products only when
-``dls_clip=True`` (x̂ is then formed in float, like a convolution); by default the few clipped values (at
-most Δ/2 off, at the extremes of the tensor) are left unclipped there, which keeps the product in integer
-form (measured effect: see ``docs/method.md`` §6).
+max x] is not affine: convolutions keep it (float ops on x̂); matrix products leave the few clipped values
+(at most Δ/2 beyond the extremes of the tensor) unclipped to keep the integer form. That is the one
+departure from fake-quant; ``docs/method.md`` §6 gives its measured effect.
 
 Not converted (they stay as the fake-quant float ops of the plain export): layers whose activation quantizer
 is not ``ActQuant``, ``DLS``, ``LSQ`` or ``LSQPlus``, weights without affine integer codes (DoReFa's level
@@ -32,6 +36,7 @@ table), more than 8 bits, and the scan inputs, which the scan consumes in float 
 from __future__ import annotations
 
 import types
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -115,8 +120,26 @@ def _act_params(quantizer: nn.Module, x: torch.Tensor):
     return step, None, None  # LSQ
 
 
-def quantize_dequantize(quantizer: nn.Module, x: torch.Tensor):
-    """(a, β_a or None, clip bounds or None) with a = s·q = x̂ + β_a computed through Q/DQ ops."""
+class QDQActivation(NamedTuple):
+    """An activation through Q/DQ: ``a`` = s·q = x̂ + β_a; ``t`` the clipped input of QuantizeLinear."""
+
+    a: torch.Tensor
+    beta: torch.Tensor | None
+    clip: tuple[torch.Tensor, torch.Tensor] | None
+    t: torch.Tensor
+    scale: torch.Tensor
+    axis: int | None
+    unsigned: bool
+
+    def requantized(self) -> torch.Tensor:
+        """s·q again from a second QuantizeLinear/DequantizeLinear pair on the same input: a second consumer
+        of the first pair (the row sums) would stop onnxruntime from fusing it into an integer matmul."""
+        q = QuantizeLinear.apply(self.t, self.scale, self.axis, self.unsigned)
+        return DequantizeLinear.apply(q, self.scale, self.axis)
+
+
+def quantize_dequantize(quantizer: nn.Module, x: torch.Tensor) -> QDQActivation:
+    """x through QuantizeLinear/DequantizeLinear: a = s·round(clip((x + β_a)/s, Qn, Qp)) = x̂ + β_a."""
     scale, beta, clip = _act_params(quantizer, x)
     per_sample = scale.dim() > 0 and scale.shape[0] > 1
     qscale, axis = _scale_and_axis(scale, scale.shape[0] if per_sample else 1)
@@ -126,16 +149,17 @@ def quantize_dequantize(quantizer: nn.Module, x: torch.Tensor):
         t = torch.minimum(torch.maximum(t, scale * qn), scale * qp)
     else:
         t = torch.clamp(t, float(scale * qn), float(scale * qp))
-    q = QuantizeLinear.apply(t, qscale, axis, not quantizer.is_signed)
-    return DequantizeLinear.apply(q, qscale, axis), beta, clip
+    unsigned = not quantizer.is_signed
+    a = DequantizeLinear.apply(QuantizeLinear.apply(t, qscale, axis, unsigned), qscale, axis)
+    return QDQActivation(a, beta, clip, t, qscale, axis, unsigned)
 
 
 def _float_activation(quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x̂ in float from the Q/DQ pair: a − β_a, clipped to [min x, max x] for DLS."""
-    a, beta, clip = quantize_dequantize(quantizer, x)
-    xh = a if beta is None else a - beta
-    if clip is not None:
-        xh = torch.minimum(torch.maximum(xh, clip[0]), clip[1])
+    act = quantize_dequantize(quantizer, x)
+    xh = act.a if act.beta is None else act.a - act.beta
+    if act.clip is not None:
+        xh = torch.minimum(torch.maximum(xh, act.clip[0]), act.clip[1])
     return xh
 
 
@@ -178,27 +202,23 @@ def _dequantized_weight(codes: torch.Tensor, scale: torch.Tensor, n_out: int, ax
 
 
 # ------------------------------------------------------------------------------------------- forwards
-def _matmul_correction(a, beta, w_hat_sum, bw, reduce_dim: int, out_view) -> list[torch.Tensor]:  # noqa: ANN001
-    """−β_w Σ_k a_k − β_a Σ_k Ŵ_k, broadcastable to the product's output."""
+def _matmul_correction(act: QDQActivation, w_hat_sum, bw, reduce_dim: int, out_view) -> list[torch.Tensor]:  # noqa: ANN001
+    """−β_w Σ_k a_k − β_a Σ_k Ŵ_k (each term broadcastable to the product's output)."""
     terms = []
     if bw is not None:
-        terms.append(a.sum(reduce_dim, keepdim=True) * out_view(bw))
-    if beta is not None:
-        terms.append(_per_sample_view(beta, a.dim()) * out_view(w_hat_sum))
+        terms.append(act.requantized().sum(reduce_dim, keepdim=True) * out_view(bw))
+    if act.beta is not None:
+        terms.append(_per_sample_view(act.beta, act.a.dim()) * out_view(w_hat_sum))
     return terms
 
 
 def qdq_linear(self: QLinear, x: torch.Tensor) -> torch.Tensor:
-    n_out = self.out_features
-    w = _dequantized_weight(self.qdq_codes, self.qdq_scale, n_out, axis=1)  # (in, out)
-    if self.qdq_float_act:
-        w = w if self.qdq_bw is None else w - self.qdq_bw
-        y = torch.matmul(_float_activation(self.act_quant, x), w)
-    else:
-        a, beta, _ = quantize_dequantize(self.act_quant, x)
-        y = torch.matmul(a, w)
-        for term in _matmul_correction(a, beta, self.qdq_wsum, self.qdq_bw, -1, lambda t: t):
-            y = y - term
+    """x̂ Ŵᵀ + bias as MatMul(a, w) of two dequantized tensors plus the offset terms."""
+    w = _dequantized_weight(self.qdq_codes, self.qdq_scale, self.out_features, axis=1)  # (in, out)
+    act = quantize_dequantize(self.act_quant, x)
+    y = torch.matmul(act.a, w)
+    for term in _matmul_correction(act, self.qdq_wsum, self.qdq_bw, -1, lambda t: t):
+        y = y - term
     return y if self.bias is None else y + self.bias
 
 
@@ -206,16 +226,13 @@ def qdq_projection(self: QProjection, x: torch.Tensor, weight: torch.Tensor) -> 
     """(b, K, d, L) x (K, c, d) -> (b, K, c, L) as MatMul(w, a) with w (K, c, d) dequantized from codes."""
     k, c, d = self.qdq_shape
     w = _dequantized_weight(self.qdq_codes, self.qdq_scale, k * c, axis=0).reshape(k, c, d)
-    if self.qdq_float_act:
-        bw = 0 if self.qdq_bw is None else self.qdq_bw.reshape(k, c, 1)
-        return torch.matmul(w - bw, _float_activation(self.act_quant, x))
-    a, beta, _ = quantize_dequantize(self.act_quant, x)
-    y = torch.matmul(w, a)
+    act = quantize_dequantize(self.act_quant, x)
+    y = torch.matmul(w, act.a)
 
     def view(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(k, c, 1) if t.dim() > 0 else t
 
-    for term in _matmul_correction(a, beta, self.qdq_wsum, self.qdq_bw, 2, view):
+    for term in _matmul_correction(act, self.qdq_wsum, self.qdq_bw, 2, view):
         y = y - term
     return y
 
@@ -230,7 +247,7 @@ def qdq_conv2d(self: QConv2d, x: torch.Tensor) -> torch.Tensor:
     return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
 
 
-def _prepare(layer: nn.Module, dls_clip: bool) -> None:
+def _prepare(layer: nn.Module) -> None:
     """Attach the QDQ state to ``layer``: int8 codes and the weight scale as (persistent) buffers, so the
     exporter writes them as initialisers; the weight offset and Σ_k Ŵ_k as constants of the forward."""
     codes, scale, offset = frozen_codes(layer.weight_quant)
@@ -245,7 +262,6 @@ def _prepare(layer: nn.Module, dls_clip: bool) -> None:
     n_out = codes.shape[0] if isinstance(layer, QProjection) else layer.weight.shape[0]
     offset = _per_output(offset.detach().float(), n_out)
     layer.qdq_bw = offset.clone() if bool(offset.ne(0).any()) else None
-    layer.qdq_float_act = isinstance(layer.act_quant, DLS) and dls_clip
     w_hat = layer.weight_quant.frozen_weight.detach().float()
     layer.qdq_wsum = w_hat.sum(-1) if isinstance(layer, QLinear | QProjection) else None
 
@@ -253,11 +269,10 @@ def _prepare(layer: nn.Module, dls_clip: bool) -> None:
 _FORWARDS = {QConv2d: qdq_conv2d, QLinear: qdq_linear, QProjection: qdq_projection}
 
 
-def use_qdq(model: nn.Module, dls_clip: bool = False) -> dict[str, str]:
+def use_qdq(model: nn.Module) -> dict[str, str]:
     """Switch supported quantized layers of a frozen model to their QDQ forward (in place).
 
-    Returns the quantized layers left in fake-quant: path -> why. ``dls_clip`` keeps DLS's clip to [min x,
-    max x] in matrix products too (float activation there; see the module docstring).
+    Returns the quantized layers left in fake-quant: path -> why.
     """
     left = {}
     for path, module in model.named_modules():
@@ -268,6 +283,6 @@ def use_qdq(model: nn.Module, dls_clip: bool = False) -> dict[str, str]:
         if why is not None:
             left[path] = why
             continue
-        _prepare(module, dls_clip)
+        _prepare(module)
         module.forward = types.MethodType(forward, module)
     return left
