@@ -55,8 +55,9 @@ def test_qdq_graph_holds_the_weight_codes_as_int8(tmp_path):
     inits = {t.name: t for t in graph.initializer}
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, QLAYERS)]
     assert len(layers) > 10
-    assert ops.count("QuantizeLinear") == len(layers)  # one per quantized layer's input
+    assert ops.count("QuantizeLinear") == len(layers)  # one per layer input (fresh RFA: β_w = 0, no row sums)
     assert ops.count("DequantizeLinear") == 2 * len(layers)  # its activation and its weight
+    consumers = {i: n.op_type for n in graph.node for i in n.input}
     for path_, layer in layers:
         # oracle: the codes of the model itself (unfrozen: computed from its float weight)
         codes, _, _ = weight_codes(layer.weight_quant, layer_weight(model, path_, layer))
@@ -66,6 +67,7 @@ def test_qdq_graph_holds_the_weight_codes_as_int8(tmp_path):
         expected = codes.t() if isinstance(layer, QLinear) else codes.reshape(array.shape)
         assert np.array_equal(array, expected.numpy()), path_
         assert f"{path_}.weight" not in inits  # no float copy of the weight
+        assert consumers[stored.name] == "DequantizeLinear"
     assert run_psnr(model, path, x) > 100
 
 

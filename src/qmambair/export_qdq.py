@@ -26,7 +26,7 @@ are arbitrary floats; they are put back as follows (x̂ = a − β_a, Ŵ = w −
 DLS computes Δ, β, min and max in the graph on every call (as in PyTorch). Its final clip of x̂ to [min x,
 max x] is not affine: convolutions keep it (float ops on x̂); matrix products leave the few clipped values
 (at most Δ/2 beyond the extremes of the tensor) unclipped to keep the integer form. That is the one
-departure from fake-quant; ``docs/method.md`` §6 gives its measured effect.
+departure from fake-quant (docs/method.md §6; the parity tests of ``tests/test_onnx_qdq.py`` bound it).
 
 Not converted (they stay as the fake-quant float ops of the plain export): layers whose activation quantizer
 is not ``ActQuant``, ``DLS``, ``LSQ`` or ``LSQPlus``, weights without affine integer codes (DoReFa's level
