@@ -15,6 +15,7 @@ float64 emulation of ``qmambair.quant.integer`` for that call.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,23 @@ def _prepare(layer: nn.Module, weight: torch.Tensor, n_out: tuple[int, ...]) -> 
     return prepared
 
 
+_POOL = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A reusable work buffer (one per name and thread, grown when needed; contents undefined).
+
+    Fresh large buffers cost page faults on every call (they were 2-4x the kernels' own time at 128x128);
+    layers run one after another, so one buffer per role serves them all.
+    """
+    pool = _POOL.__dict__.setdefault("buffers", {})
+    size = int(np.prod(shape))
+    buf = pool.get(name)
+    if buf is None or buf.dtype != dtype or buf.size < size:
+        buf = pool[name] = np.empty(max(size, 1), dtype=dtype)
+    return buf[:size].reshape(shape)
+
+
 def _scalars(s, b, lo, hi, g: int) -> tuple[np.float32, ...]:
     """The four activation scalars of group ``g`` (or of the only group) as numpy float32."""
     pick = (lambda t: t[g]) if s.numel() > 1 else (lambda t: t[0])
@@ -172,13 +190,14 @@ def int8_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor | None:
     rows, k = xg.shape[1], xg.shape[2]
     out = torch.empty(groups, rows, layer.out_features)
     w_mat = w.codes.t()  # (K, N), column-major: oneDNN's fast layout
-    codes = np.empty((rows, k), dtype=np.int8)
-    sums = np.empty(rows, dtype=np.int32)
+    codes = scratch("codes", (rows, k), np.int8)
+    sums = scratch("sums", (rows,), np.int32)
+    acc = scratch("acc", (rows, layer.out_features), np.int32)
     for g in range(groups):
         x2 = xg[g].numpy()
         sc = _scalars(s, b, lo, hi, g)
         K.quantize_rows(x2, sc[0], sc[1], quantizer.qn, quantizer.qp, codes, sums)
-        acc = torch._int_mm(torch.from_numpy(codes), w_mat).numpy()
+        torch._int_mm(torch.from_numpy(codes), w_mat, out=torch.from_numpy(acc))
         o = out[g].numpy()
         K.rescale_rows(acc, sums, sc[0], sc[1], w.alpha, w.beta, w.wsum, float(w.fan_in), w.bias, o)
         idx = _clipped(x2, quantizer, sc)
@@ -254,14 +273,15 @@ def int8_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor | None:
             K.depthwise_conv(xi, sc[0], sc[1], quantizer.qn, quantizer.qp, wq, ph, pw, dh, dw, w.alpha,
                              w.beta, w.bias, o)
             continue
-        codes = np.empty((c, h * wd), dtype=np.int8)
-        sums = np.empty(h * wd, dtype=np.int32)
+        codes = scratch("codes", (c, h * wd), np.int8)
+        sums = scratch("sums", (h * wd,), np.int32)
         K.quantize_planes(xi.reshape(c, h * wd), sc[0], sc[1], quantizer.qn, quantizer.qp, codes, sums)
         cols = codes
         if (kh, kw) != (1, 1):
-            cols = np.empty((c * kh * kw, h * wd), dtype=np.int8)
+            cols = scratch("cols", (c * kh * kw, h * wd), np.int8)
             K.im2col_planes(codes.reshape(c, h, wd), kh, kw, ph, pw, dh, dw, cols, sums)
-        acc = torch._int_mm(w.codes, torch.from_numpy(cols)).numpy()
+        acc = scratch("acc", (n, h * wd), np.int32)
+        torch._int_mm(w.codes, torch.from_numpy(cols), out=torch.from_numpy(acc))
         wsum_map, count_map = _border_maps(layer, w, h, wd)
         K.rescale_planes(acc, sums, sc[0], sc[1], w.alpha, w.beta, wsum_map, count_map, w.bias,
                          o.reshape(n, h * wd))
@@ -283,9 +303,9 @@ def int8_projection(layer: QProjection, x: torch.Tensor, weight: torch.Tensor) -
     batch, _, _, length = x.shape
     out = torch.empty(batch, k, c, length)
     no_bias, count_map = np.zeros(c), np.array([float(d)])
-    codes = np.empty((d, length), dtype=np.int8)
-    sums = np.empty(length, dtype=np.int32)
-    acc = np.empty((c, length), dtype=np.int32)
+    codes = scratch("codes", (d, length), np.int8)
+    sums = scratch("sums", (length,), np.int32)
+    acc = scratch("acc", (c, length), np.int32)
     for i in range(batch):
         sc = _scalars(s, b, lo, hi, i)
         if _clipped(x[i].numpy(), quantizer, sc).size:
@@ -294,12 +314,11 @@ def int8_projection(layer: QProjection, x: torch.Tensor, weight: torch.Tensor) -
             K.quantize_planes(x[i, j].numpy(), sc[0], sc[1], quantizer.qn, quantizer.qp, codes, sums)
             if d <= K.SMALL_K:
                 K.small_project(w.codes[j].numpy(), codes, acc)
-                acc_j = acc
             else:
-                acc_j = torch._int_mm(w.codes[j], torch.from_numpy(codes)).numpy()
+                torch._int_mm(w.codes[j], torch.from_numpy(codes), out=torch.from_numpy(acc))
             rows = slice(j * c, (j + 1) * c)
             wsum = w.wsum[rows, None].copy()
-            K.rescale_planes(acc_j, sums, sc[0], sc[1], w.alpha[rows], w.beta[rows], wsum, count_map, no_bias,
+            K.rescale_planes(acc, sums, sc[0], sc[1], w.alpha[rows], w.beta[rows], wsum, count_map, no_bias,
                              out[i, j].numpy())
     return out
 
