@@ -166,15 +166,6 @@ def _clipped(x: np.ndarray, quantizer: nn.Module, sc: tuple) -> np.ndarray:
     return K.clipped_indices(flat, s, b, quantizer.qn, quantizer.qp, lo, hi, count)
 
 
-def _clip_correction(x2: np.ndarray, idx: np.ndarray, sc: tuple, qn: float, qp: float) -> np.ndarray:
-    """clip(s·q − b, lo, hi) − (s·q − b) at flat indices ``idx`` of x2, in the kernels' float32 arithmetic."""
-    s, b, lo, hi = sc
-    v = x2.reshape(-1)[idx]
-    q = np.rint(np.clip((v + b) / s, np.float32(qn), np.float32(qp)))
-    y = s * q - b
-    return np.minimum(np.maximum(y, lo), hi).astype(np.float64) - y.astype(np.float64)
-
-
 @torch.no_grad()
 def int8_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor | None:
     """QLinear through int8 codes; DLS's clipped elements are corrected exactly (sparse rank-1 updates)."""
@@ -203,9 +194,7 @@ def int8_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor | None:
         idx = _clipped(x2, quantizer, sc)
         if idx.size:
             w_hat = w.alpha[:, None] * w.codes.numpy().astype(np.float64) - w.beta[:, None]  # (N, K)
-            diff = _clip_correction(x2, idx, sc, quantizer.qn, quantizer.qp)
-            r, j = idx // k, idx % k
-            np.add.at(o, r, (diff[:, None] * w_hat[:, j].T).astype(np.float32))
+            K.add_clip_rows(x2, idx, sc[0], sc[1], quantizer.qn, quantizer.qp, sc[2], sc[3], w_hat, o)
     return out.reshape(*x.shape[:-1], layer.out_features)
 
 

@@ -99,6 +99,20 @@ if AVAILABLE:
                 m += 1
         return idx
 
+    @njit(cache=True, error_model="numpy")
+    def add_clip_rows(x, idx, s, b, qn, qp, lo, hi, w_hat, out):
+        """out[r, :] += (clip(y, lo, hi) − y)·Ŵ[:, j] for each clipped element (r, j) = divmod(idx, K) of
+        x (R, K), y = s·q − b in float32 as the quantizer computes it; w_hat (N, K) float64."""
+        k = x.shape[1]
+        fqn, fqp = np.float32(qn), np.float32(qp)
+        for m in range(idx.shape[0]):
+            r, j = idx[m] // k, idx[m] % k
+            y = s * np.rint(min(max((x[r, j] + b) / s, fqn), fqp)) - b
+            diff = np.float64(min(max(y, lo), hi)) - np.float64(y)
+            row = out[r]
+            for n in range(w_hat.shape[0]):
+                row[n] = np.float32(row[n] + diff * w_hat[n, j])
+
     @njit(parallel=True, cache=True, error_model="numpy")
     def rescale_rows(acc, sums, s, b, alpha, beta, wsum, k, bias, out):
         """out[r, n] = s·(α_n·acc[r, n] − β_n·sums[r]) − b·(α_n·wsum_n − β_n·k) + bias_n (float64 math)."""
