@@ -80,6 +80,14 @@ def run_psnr(model: torch.nn.Module, path, x: torch.Tensor) -> float:
 SHIPPED = ["light-sr-x4-qmambair-w4a4", "light-sr-x4-qmambair-w2a2", "light-sr-x4-lsq-w2a2"]
 
 
+def against_float_graph(model: torch.nn.Module, path, x: torch.Tensor, tmp_path) -> float:
+    """PSNR of the QDQ graph against the fake-quant float graph of the same model, both in onnxruntime
+    (they share onnxruntime's float rounding, so a code flip against PyTorch shows in neither)."""
+    plain = export_onnx(model, tmp_path / "plain.onnx", tile=tuple(x.shape[-2:]), fmt="float")
+    ours = onnx_session(path).run(None, {"input": x.numpy()})[0]
+    return psnr_against(onnx_session(plain).run(None, {"input": x.numpy()})[0], ours)
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_models_match_pytorch(tmp_path, name):
     x = real_tile(32)
@@ -87,10 +95,11 @@ def test_shipped_models_match_pytorch(tmp_path, name):
     path = export_onnx(model, tmp_path / "m.onnx", tile=32)
     assert "QuantizeLinear" in graph_ops(path)
     parity = onnx_parity(model, path, x)
+    # the CLI's bar; measured 64-140 dB: on some tiles onnxruntime's float rounding flips a code against
+    # PyTorch, in the fake-quant float graph exactly as in the QDQ graph
     assert parity["psnr"] >= QUANT_MIN_PSNR, parity
-    # measured ~140 dB: no code flips on this tile (the full models at 64x64 flip a few: ~62 dB, as the
-    # fake-quant float graph). Dropping the offset terms of the products gives ~50 dB here.
-    assert parity["psnr"] > 100, parity
+    # the QDQ arithmetic itself against the float graph (measured > 130 dB; the offset mutations ~50 dB)
+    assert against_float_graph(model, path, x, tmp_path) > 100
 
 
 @pytest.mark.parametrize(
@@ -134,7 +143,7 @@ def test_dropping_the_offset_corrections_breaks_parity(tmp_path, monkeypatch):
     path = export_onnx(model, tmp_path / "bad.onnx", tile=32)
     # far below the > 100 dB of test_shipped_models_match_pytorch (measured ~50 dB: the offsets are small
     # next to the skip connections of a cut-down model, so the CLI's 40 dB bar alone would not see it)
-    assert onnx_parity(model, path, x)["psnr"] < 70
+    assert against_float_graph(model, path, x, tmp_path) < 70
 
 
 def test_cli_qdq_check_and_float_format(tmp_path, capsys):
