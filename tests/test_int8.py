@@ -185,6 +185,8 @@ def test_weight_cache_follows_the_weight():
         after = int8_conv2d(layer, x)
         assert rel_err(after, layer(x)) <= REL
         assert rel_err(after, before) > 1e-2
+        layer.bias.add_(0.5)  # the bias is cached too
+        assert rel_err(int8_conv2d(layer, x), layer(x)) <= REL
 
 
 @pytest.mark.parametrize("name", ["light-sr-x4-qmambair-w4a4", "light-sr-x2-lsq-w2a2"])

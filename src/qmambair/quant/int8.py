@@ -91,16 +91,21 @@ def _activation_fits(quantizer: nn.Module) -> bool:
     return INT8_RANGE[0] <= int(quantizer.qn) and int(quantizer.qp) <= INT8_RANGE[1]
 
 
-def _cache_key(quantizer: nn.Module, weight: torch.Tensor) -> tuple:
-    frozen = getattr(quantizer, "frozen_codes", None)
+def _cache_key(layer: nn.Module, weight: torch.Tensor) -> tuple:
+    """What the prepared weight depends on: the weight (or frozen codes), the quantizer's parameters and the
+    bias, each by storage and version counter (in-place updates such as optimiser steps bump the version)."""
+    frozen = getattr(layer.weight_quant, "frozen_codes", None)
     source = frozen if frozen is not None else weight
-    params = tuple((p.data_ptr(), p._version) for p in quantizer.parameters())
-    return (source.data_ptr(), source._version, tuple(source.shape), params)
+    tensors = [*layer.weight_quant.parameters()]
+    if getattr(layer, "bias", None) is not None:
+        tensors.append(layer.bias)
+    versions = tuple((t.data_ptr(), t._version) for t in tensors)
+    return (source.data_ptr(), source._version, tuple(source.shape), versions)
 
 
 def _prepare(layer: nn.Module, weight: torch.Tensor, n_out: tuple[int, ...]) -> Int8Weight | None:
     """The layer's weight as int8 codes (cached); None if the codes do not fit int8."""
-    key = _cache_key(layer.weight_quant, weight)
+    key = _cache_key(layer, weight)
     cached = layer.__dict__.get("_int8_weight")
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -114,10 +119,8 @@ def _prepare(layer: nn.Module, weight: torch.Tensor, n_out: tuple[int, ...]) -> 
         flat = codes.reshape(n, -1)
         bias = getattr(layer, "bias", None)
         bias = np.zeros(n) if bias is None else bias.detach().to(_F64).numpy().copy()
-        if isinstance(layer, QConv2d) and layer.groups == 1:
-            stored = codes.reshape(n, -1)  # (N, C·kh·kw): the row order of ``im2col_planes``
-        else:
-            stored = codes.reshape(codes.shape[0], -1) if not isinstance(layer, QProjection) else codes
+        # projections keep (K, c, d); convs flatten to (N, C·kh·kw), the row order of ``im2col_planes``
+        stored = codes if isinstance(layer, QProjection) else codes.reshape(n, -1)
         prepared = Int8Weight(
             codes=stored.to(torch.int8).contiguous(),
             alpha=alpha,
@@ -137,8 +140,8 @@ _POOL = threading.local()
 def scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
     """A reusable work buffer (one per name and thread, grown when needed; contents undefined).
 
-    Fresh large buffers cost page faults on every call (they were 2-4x the kernels' own time at 128x128);
-    layers run one after another, so one buffer per role serves them all.
+    Layers run one after another, so one buffer per role (codes, sums, products, im2col columns) serves them
+    all instead of allocating megabytes per call.
     """
     pool = _POOL.__dict__.setdefault("buffers", {})
     size = int(np.prod(shape))
