@@ -180,9 +180,9 @@ def group_stats(
     """(mean, unbiased variance or None for one-element groups, min, max) of each row, shape (G, 1).
 
     Mean and variance are computed in float64 and rounded to the input's dtype, by torch (``fused=False``,
-    differentiable: min and max via amin/amax, which share their gradient among ties) or in one numba pass
-    (``fused=True``, no autograd). Both round the same float64 values, so they agree to the bit except when
-    a value lies within float64 round-off of a float32 rounding boundary.
+    differentiable: min and max via amin/amax, which share their gradient among ties) or by a numba pass for
+    the sums plus torch's amin/amax (``fused=True``, no autograd). Both round the same float64 values, so they
+    agree to the bit except when a value lies within float64 round-off of a float32 rounding boundary.
     """
     groups, n = x2.shape
     if not fused:
