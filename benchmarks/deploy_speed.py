@@ -16,7 +16,7 @@ with its input quantizers, the quantized (or, for float, the corresponding) conv
 and the rest. File sizes of the float safetensors, the .qmb and the ONNX graphs are listed too.
 
     python benchmarks/deploy_speed.py --threads 2 --repeats 5
-    python benchmarks/deploy_speed.py --threads 2 --repeats 5 --onnx --out docs/deploy-speed.md
+    python benchmarks/deploy_speed.py --threads 2 --repeats 3 --size 32 --onnx --out deploy-32.md
 """
 
 from __future__ import annotations
