@@ -178,9 +178,15 @@ def inference_mode(model: torch.nn.Module, spec: str, device: str, fake_quant: b
         return "float"
     if fake_quant or Path(spec).suffix.lower() != ".qmb" or torch.device(device).type != "cpu":
         return "fake-quant"
+    import warnings
+
     from ..quant.integer import enable_integer_inference
 
-    enable_integer_inference(model)
+    with warnings.catch_warnings(record=True) as caught:  # layers left in fake-quant: one plain line each
+        warnings.simplefilter("always")
+        enable_integer_inference(model)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     return "int8"
 
 
