@@ -18,6 +18,7 @@ from PIL import Image
 
 from qmambair.cli import main
 from qmambair.data.degrade import bicubic_lr
+from qmambair.data.imresize import imresize
 from qmambair.eval.ensemble import self_ensemble
 from qmambair.loading import load_model
 from qmambair.models.checkpoint import save_model
@@ -370,3 +371,63 @@ def test_bad_options_are_usage_errors(tmp_path, sr_model, capsys, options, words
     save_png(tmp_path / "p" / "a.png", random8(20, 20))
     assert qtest("-m", sr_model, str(tmp_path / "p"), *options) == 2
     one_error_line(capsys, words)
+
+
+# ---- named sets, centre crops and the bicubic baseline -------------------------------------------------
+
+
+def centre_crop_pair(hr8: np.ndarray, crop: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(LR, HR) of the centre crop: LR made from the whole (modcropped) image, then both cut at the same
+    place (crop // scale LR pixels per side, centred on the LR grid)."""
+    hr8 = hr8[: hr8.shape[0] // scale * scale, : hr8.shape[1] // scale * scale]
+    lr = bicubic_lr(hr8, scale)
+    h, w = (min(crop, n) // scale for n in hr8.shape[:2])
+    y, x = (lr.shape[0] - h) // 2, (lr.shape[1] - w) // 2
+    return lr[y : y + h, x : x + w], hr8[y * scale : (y + h) * scale, x * scale : (x + w) * scale]
+
+
+def test_builtin_set_with_centre_crops(tmp_path, sr_model, monkeypatch, capsys):
+    from qmambair.data.builtin import builtin_raw, list_builtin
+
+    monkeypatch.setenv("QMAMBAIR_CACHE", str(tmp_path / "cache"))
+    out_csv = tmp_path / "b.csv"
+    assert qtest("-m", sr_model, "@builtin", "--crop", "40", "--csv", str(out_csv)) == 0
+    got = read_csv(out_csv)
+    names = list_builtin()
+    assert set(got) == {("builtin", f"{n}.png") for n in names} | {("builtin", "mean")}
+    for name in ("astronaut", "camera"):  # colour, and grey read as RGB
+        pixels = builtin_raw(name)
+        rgb = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
+        lr, hr = centre_crop_pair(rgb, 40, 2)
+        assert hr.shape[:2] == (40, 40)
+        value = expected_psnr(run_model(sr_model, lr), hr, 2, True)
+        assert got["builtin", f"{name}.png"][0] == pytest.approx(value, abs=2e-6)
+    assert "centre crops of 40 px" in capsys.readouterr().out
+    # a damaged cached copy is replaced by the built-in pixels, not scored
+    save_png(tmp_path / "cache" / "builtin" / "astronaut.png", random8(50, 50))
+    assert qtest("-m", sr_model, "@builtin", "--crop", "40", "--csv", str(out_csv), "--overwrite") == 0
+    assert read_csv(out_csv)["builtin", "astronaut.png"] == got["builtin", "astronaut.png"]
+
+
+def test_bicubic_baseline_model(tmp_path, capsys):
+    hrs = {"a.png": random8(33, 27), "b.png": random8(24, 30)}
+    for name, hr in hrs.items():
+        save_png(tmp_path / "photos" / name, hr)
+    out_csv = str(tmp_path / "s.csv")
+    assert qtest("-m", "bicubic", "--scale", "3", str(tmp_path / "photos"), "--csv", out_csv) == 0
+    got = read_csv(tmp_path / "s.csv")
+    for name, hr in hrs.items():
+        crop = hr[: hr.shape[0] // 3 * 3, : hr.shape[1] // 3 * 3]
+        up = imresize(bicubic_lr(crop, 3).astype(np.float64), 3.0)  # MATLAB imresize, tested on its own
+        assert got["photos", name][0] == pytest.approx(expected_psnr(up, crop, 3, True), abs=2e-6)
+    capsys.readouterr()
+    assert qtest("-m", "bicubic", str(tmp_path / "photos")) == 2
+    one_error_line(capsys, "bicubic", "--scale")
+
+
+def test_pool_set_needs_the_fetched_pool(tmp_path, sr_model, monkeypatch, capsys):
+    monkeypatch.setenv("QMAMBAIR_CACHE", str(tmp_path / "empty-cache"))
+    assert qtest("-m", sr_model, "@pool") == 1
+    one_error_line(capsys, "qmambair data fetch")
+    assert qtest("-m", sr_model, "@nothing") == 1
+    one_error_line(capsys, "@builtin", "@pool")

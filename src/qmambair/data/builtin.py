@@ -85,6 +85,13 @@ def _load(name: str) -> np.ndarray:
     return arr
 
 
+def builtin_raw(name: str) -> np.ndarray:
+    """The stored 8-bit pixels of one built-in image (HxWx1 grey or HxWx3), a fresh writable copy."""
+    if name not in _SOURCES:
+        raise KeyError(f"unknown built-in image {name!r}; available: {', '.join(_SOURCES)}")
+    return _load(name).copy()
+
+
 def builtin_images(names: Iterable[str] | None = None, gray: bool = False) -> dict[str, np.ndarray]:
     """Built-in images as float32 ``HWC`` arrays in [0,1], keyed by name (in the order asked).
 

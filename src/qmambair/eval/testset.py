@@ -12,6 +12,11 @@ validation: denoising noise seeded 0 per image, JPEG with Pillow), restored with
 the metric settings (``qmambair.train.validate.metric_settings``: Y channel and border = scale for SR, all
 channels without border for denoising and JPEG). An image that cannot be read, is too small, or whose LR file
 has the wrong size stops the run with a ``ValueError`` naming it: a benchmark mean must cover every image.
+
+Two named sets need no folder (``named_test_set``): ``@builtin``, the built-in images of
+``qmambair.data.builtin`` (written once as PNG files under the cache, ``cache_root()/builtin``), and
+``@pool``, the test split of the fetched photo pool (``qmambair data fetch``; never used for training).
+``centre_crop`` scores the centre crop of each image that training validation uses (``EvalImages``).
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ from .metrics import psnr, ssim
 from .tiling import model_channels, restore
 
 __all__ = [
+    "NAMED_SETS",
     "TestSet",
     "ImageScore",
     "find_test_sets",
+    "named_test_set",
     "model_degradation",
     "output_path",
     "check_outputs",
@@ -127,11 +134,57 @@ def _test_set(root: Path, scale: int) -> TestSet:
     return TestSet(name, hr_dir, lr_dir, tuple(pairs), layout)
 
 
+NAMED_SETS = ("@builtin", "@pool")
+
+
+def _builtin_folder() -> Path:
+    """The built-in images as PNG files under the cache: written on first use (lossless 8-bit) and rewritten
+    whenever a cached file does not hold exactly the built-in pixels."""
+    from ..data.builtin import builtin_raw, list_builtin
+    from ..data.io import ImageReadError, read_image
+    from ..data.photos import cache_root
+
+    root = cache_root() / "builtin"
+    for name in list_builtin():
+        path, pixels = root / f"{name}.png", builtin_raw(name)
+        try:
+            stored = read_image(path, mode="keep") if path.is_file() else None
+        except ImageReadError:
+            stored = None
+        cached = None if stored is None else np.round(stored * 255.0).astype(np.uint8)
+        if cached is None or not np.array_equal(cached, pixels):
+            write_image(path, pixels)
+    return root
+
+
+def named_test_set(name: str, scale: int) -> TestSet:
+    """``@builtin`` (the built-in images) or ``@pool`` (the photo pool's test split) as a test set.
+
+    Raises ``ValueError`` for another name, ``PhotosNotFetchedError`` (a ``FileNotFoundError``) when the pool
+    was not fetched, ``ImportError`` when the packages of the built-in images are missing.
+    """
+    if name == "@builtin":
+        root = _builtin_folder()
+        from ..data.builtin import list_builtin
+
+        paths = [root / f"{n}.png" for n in list_builtin()]
+        return TestSet("builtin", root, None, tuple((p, None) for p in paths), "HR images")
+    if name == "@pool":
+        from ..data.photos import photo_paths, photos_dir
+
+        paths = photo_paths("test")
+        return TestSet("pool-test", photos_dir(), None, tuple((p, None) for p in paths), "HR images")
+    raise ValueError(f"unknown named test set {name!r}; choose one of {', '.join(NAMED_SETS)}")
+
+
 def find_test_sets(folder: str | os.PathLike, scale: int) -> list[TestSet]:
-    """The benchmark sets in ``folder``: the folder itself, or each set below it (``NAME/HR``, ``*_HR``).
+    """The benchmark sets in ``folder``: the folder itself, or each set below it (``NAME/HR``, ``*_HR``);
+    a name of ``NAMED_SETS`` gives that set (``named_test_set``).
 
     Raises ``FileNotFoundError`` for a missing folder, a folder without images, or a missing LR file.
     """
+    if str(folder).startswith("@"):
+        return [named_test_set(str(folder), scale)]
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"test folder {root} does not exist (or is not a folder)")
@@ -214,9 +267,10 @@ def check_outputs(
 
 
 def _degraded(
-    pair: tuple[Path, Path | None], degradation: Degradation, channels: int
+    pair: tuple[Path, Path | None], degradation: Degradation, channels: int, centre_crop: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(input, target) of one image as float32 HWC arrays; a ``ValueError`` naming what is wrong with it."""
+    """(input, target) of one image as float32 HWC arrays, optionally its centre crop of ``centre_crop``
+    target pixels; a ``ValueError`` naming what is wrong with it."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", SkippedImageWarning)
         try:
@@ -224,7 +278,7 @@ def _degraded(
         except SkippedImageWarning as exc:
             reason = str(exc).removesuffix("; making bicubic LR instead").removeprefix("skipping ")
             raise ValueError(reason) from None
-    _, lq, hr = EvalImages(samples, degradation)[0]
+    _, lq, hr = EvalImages(samples, degradation, crop=centre_crop)[0]
     return lq.numpy().transpose(1, 2, 0), hr.numpy().transpose(1, 2, 0)
 
 
@@ -242,15 +296,17 @@ def score_test_set(
     out_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: Callable[[ImageScore], None] | None = None,
+    centre_crop: int = 0,
 ) -> list[ImageScore]:
-    """Restore and score every image of ``test_set``; with ``out_dir``, also write each output as 8-bit PNG
-    (the image that was scored). ``progress`` is called after each image."""
+    """Restore and score every image of ``test_set`` (or its centre crop of ``centre_crop`` target pixels);
+    with ``out_dir``, also write each output as 8-bit PNG (the image that was scored). ``progress`` is called
+    after each image."""
     channels = model_channels(model)
     run = partial(restore, model, tile=tile, mode=tile_mode, device=device)
     protect = sorted(_inputs([test_set]))
     scores = []
     for pair in test_set.pairs:
-        lq, hr = _degraded(pair, degradation, channels)
+        lq, hr = _degraded(pair, degradation, channels, centre_crop)
         out = self_ensemble(run, lq) if ensemble else run(lq)
         if out.shape != hr.shape:
             raise ValueError(f"{pair[0]}: the model made {out.shape[1]}x{out.shape[0]} from an input of "
