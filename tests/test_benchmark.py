@@ -186,3 +186,29 @@ def test_benchmark_rejects_bad_methods_and_bits(capsys):
     aliases = BenchmarkSpec(methods=["LSQPlus", "q-mambair", "lsq+"], preset="light-sr-x3")
     assert aliases.methods == ["lsq+", "qmambair"]
     assert BenchmarkSpec(preset="light-sr-x3").scale == 3
+
+
+def test_benchmark_from_an_existing_float_model(env):
+    from qmambair.models.checkpoint import save_model
+    from qmambair.models.presets import build_model
+
+    torch.manual_seed(3)
+    source = save_model(build_model("light-sr-x4", **TINY), env / "float.safetensors")
+    s = spec(env, methods=["fp", "qmambair"], bits=[2], fp_from=str(source), bench=[])
+    rows = run_benchmark(s)
+    fp_dir = env / "out" / "runs" / "fp"
+    assert not (fp_dir / "log.jsonl").exists()  # no float training: the given model is used as it is
+    adopted, original = load_model(fp_dir / "model.safetensors"), load_model(source)
+    pairs = zip(adopted.state_dict().values(), original.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    start = next(json.loads(line) for line in (env / "out" / "runs" / "qmambair-w2a2" / "log.jsonl")
+                 .read_text().splitlines() if json.loads(line)["event"] == "start")
+    assert Path(start["config"]["init"]) == fp_dir / "model.safetensors"
+    assert [r["method"] for r in rows] == ["bicubic", "fp", "qmambair"]
+    assert f"float model `{source}`" in (env / "out" / "results.md").read_text()
+    torch.manual_seed(4)
+    other = save_model(build_model("light-sr-x4", **TINY), env / "other.safetensors")
+    with pytest.raises(ValueError, match="another float model"):
+        run_benchmark(spec(env, methods=["fp", "qmambair"], bits=[2], fp_from=str(other), bench=[]))
+    with pytest.raises(ValueError, match="does not exist"):
+        spec(env, fp_from=str(env / "missing.safetensors"))

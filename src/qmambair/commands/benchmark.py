@@ -17,6 +17,7 @@ _FIELDS = (
     "preset",
     "iters",
     "fp_iters",
+    "fp_from",
     "data",
     "bench",
     "out",
@@ -115,6 +116,8 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
                    help="iterations of each QAT run (default 1000)")
     p.add_argument("--fp-iters", type=positive_int, metavar="N",
                    help="iterations of the float run (default: --iters)")
+    p.add_argument("--from", dest="fp_from", metavar="CKPT",
+                   help="quantize this float model (any file load_model reads) instead of training one")
     p.add_argument(
         "--data",
         metavar="DIR",

@@ -2,7 +2,8 @@
 
     rows = run_benchmark(BenchmarkSpec(methods=["fp", "qmambair", "lsq", "minmax"], bits=[4, 2], iters=500))
 
-Only the quantizer changes (docs/evaluation.md §6): ``OUT/runs/fp`` trains the float model (``fp_iters``);
+Only the quantizer changes (docs/evaluation.md §6): ``OUT/runs/fp`` trains the float model (``fp_iters``),
+or holds a copy of an existing one (``fp_from``, e.g. the final model of a long float campaign);
 ``OUT/runs/<method>-wXaX`` is QAT from it for ``iters`` steps, or calibration on the first ``calib_patches``
 training patches for the PTQ methods; ``ablation`` adds ``OUT/runs/ablation-{base,dls,rfa}-wXaX`` (Q-MambaIR
 with DLS and/or RFA off). Every model is evaluated on whole images (MambaIR tiling) of the trainer's test
@@ -62,6 +63,7 @@ class BenchmarkSpec:
     preset: str = ""  # "": light-sr-x{scale}
     iters: int = 1000  # each QAT run
     fp_iters: int = 0  # the float run (0: iters)
+    fp_from: str = ""  # an existing float model to quantize instead of training one (any load_model file)
     data: str = "builtin"  # image folder or "builtin" (the fetched photo pool)
     bench: list[str] = field(default_factory=list)  # extra test folders (Set5/HR layout, or a parent of them)
     out: str = "runs/benchmark"
@@ -105,6 +107,8 @@ class BenchmarkSpec:
             raise ValueError("iters, fp_iters and calib_patches must be >= 1")
         if self.ablation_bits:
             self.ablation = True
+        if self.fp_from and not Path(self.fp_from).is_file():
+            raise ValueError(f"float model {self.fp_from} does not exist")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchmarkSpec:
@@ -235,6 +239,30 @@ def _calibrate(
     _write_json(marker, {**stamp, "seconds": time.perf_counter() - started})
 
 
+def _adopt_float(source: Path, out: Path, preset: str, say: Callable[[str], None]) -> None:
+    """Make ``source`` the benchmark's float model: saved once as ``out/model.safetensors`` (project format)
+    with its SHA-256 in ``out/adopted.json``; a folder holding another float model is refused."""
+    from ..loading import load_model
+    from ..models.checkpoint import save_model
+
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    marker = out / "adopted.json"
+    if (out / "model.safetensors").exists() or marker.exists():
+        old = json.loads(marker.read_text()) if marker.exists() else {}
+        if old.get("sha256") == digest and (out / "model.safetensors").exists():
+            return
+        raise ValueError(f"{out} holds another float model than {source}; use another --out or delete {out}")
+    model = load_model(source)
+    if getattr(model, "quant_config", None) is not None:
+        raise ValueError(f"{source} is a quantized model; --from needs the float model")
+    if getattr(model, "preset", None) not in (None, preset):
+        raise ValueError(f"{source} is a {model.preset} model, the benchmark runs {preset}")
+    say(f"fp: using {source}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, out / "model.safetensors")
+    _write_json(marker, {"source": str(source), "sha256": digest})
+
+
 def _fingerprint(path: Path) -> str:
     return f"{path.stat().st_size}:{path.stat().st_mtime_ns}"
 
@@ -349,7 +377,9 @@ def run_benchmark(
     patches = None
     for run in runs:
         run_dir = runs_dir / run.name
-        if run.quant and QuantConfig(**run.quant).is_ptq:
+        if run.name == "fp" and spec.fp_from:
+            _adopt_float(Path(spec.fp_from), run_dir, spec.preset, say)
+        elif run.quant and QuantConfig(**run.quant).is_ptq:
             if patches is None:
                 patches = torch.stack([train_set[i][0] for i in range(spec.calib_patches)])
             _calibrate(run, run_dir, fp_model, patches, fp_cfg.batch, device, say)
@@ -412,7 +442,8 @@ def _report(
         f"# Quantization benchmark: {spec.preset}",
         "",
         f"- data: {data}; test sets: " + ", ".join(f"{k} ({len(v)} image(s))" for k, v in sets.items()),
-        f"- budget: float model {spec.fp_iters} iterations, each QAT run {spec.iters} iterations; batch "
+        f"- budget: float model {f'`{spec.fp_from}`' if spec.fp_from else f'{spec.fp_iters} iterations'}, "
+        f"each QAT run {spec.iters} iterations; batch "
         f"{cfg.batch}, HR patch {cfg.patch} px; Adam lr {cfg.lr:g}, L1"
         + (f"; PTQ ({', '.join(ptq)}): {spec.calib_patches} calibration patches, no training" if ptq else ""),
         f"- seed: {spec.seed}",
