@@ -69,7 +69,7 @@ def score(model_spec: str | Path, scale: int) -> dict[str, list[float]]:
     border, y_channel = metric_settings(degradation)
     out = {}
     for name, crop in SETS:
-        test_set = named_test_set(name, scale)
+        test_set = named_test_set(name)
         scores = score_test_set(model, test_set, degradation, border, y_channel, centre_crop=crop)
         out[name] = [s.psnr for s in scores]
     return out

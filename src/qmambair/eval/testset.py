@@ -157,7 +157,7 @@ def _builtin_folder() -> Path:
     return root
 
 
-def named_test_set(name: str, scale: int) -> TestSet:
+def named_test_set(name: str) -> TestSet:
     """``@builtin`` (the built-in images) or ``@pool`` (the photo pool's test split) as a test set.
 
     Raises ``ValueError`` for another name, ``PhotosNotFetchedError`` (a ``FileNotFoundError``) when the pool
@@ -184,7 +184,7 @@ def find_test_sets(folder: str | os.PathLike, scale: int) -> list[TestSet]:
     Raises ``FileNotFoundError`` for a missing folder, a folder without images, or a missing LR file.
     """
     if str(folder).startswith("@"):
-        return [named_test_set(str(folder), scale)]
+        return [named_test_set(str(folder))]
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"test folder {root} does not exist (or is not a folder)")
