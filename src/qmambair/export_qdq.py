@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .quant.act import ActQuant
-from .quant.base import MIN_STEP
+from .quant.affine_params import affine_params
 from .quant.baselines import LSQ, LSQPlus
 from .quant.dls import DLS
 from .quant.layers import QConv2d, QLinear, QProjection
@@ -106,20 +106,6 @@ def _scale_and_axis(scale: torch.Tensor, groups: int) -> tuple[torch.Tensor, int
 
 
 # ------------------------------------------------------------------------------------------ activations
-def _act_params(quantizer: nn.Module, x: torch.Tensor):
-    """(scale, β or None, (lo, hi) clip of x̂ or None, per-sample axis or None) of an activation quantizer,
-    with the same float expressions as its forward (the graph computes DLS's on every call)."""
-    if isinstance(quantizer, DLS):
-        delta, beta, lo, hi = quantizer.step_and_offset(x)
-        return delta, beta, (lo, hi)
-    step = quantizer.step.detach().clamp_min(MIN_STEP)
-    if isinstance(quantizer, ActQuant):
-        return step, quantizer.offset.detach(), None
-    if isinstance(quantizer, LSQPlus):
-        return step, -quantizer.offset.detach(), None
-    return step, None, None  # LSQ
-
-
 class QDQActivation(NamedTuple):
     """An activation through Q/DQ: ``a`` = s·q = x̂ + β_a; ``t`` the clipped input of QuantizeLinear."""
 
@@ -140,7 +126,7 @@ class QDQActivation(NamedTuple):
 
 def quantize_dequantize(quantizer: nn.Module, x: torch.Tensor) -> QDQActivation:
     """x through QuantizeLinear/DequantizeLinear: a = s·round(clip((x + β_a)/s, Qn, Qp)) = x̂ + β_a."""
-    scale, beta, clip = _act_params(quantizer, x)
+    scale, beta, clip = affine_params(quantizer, x)
     per_sample = scale.dim() > 0 and scale.shape[0] > 1
     qscale, axis = _scale_and_axis(scale, scale.shape[0] if per_sample else 1)
     t = x if beta is None else x + beta

@@ -24,10 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import int8_kernels as K
-from .act import ActQuant
-from .base import MIN_STEP
-from .baselines import LSQ, LSQPlus
-from .dls import DLS
+from .affine_params import affine_params
 from .layers import QConv2d, QLinear, QProjection
 from .pack import weight_codes
 
@@ -39,25 +36,21 @@ def act_scalars(quantizer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ..
     """(s, b, lo, hi), each (G,) float32 with x̂ = clip(s·q − b, lo, hi), q = round(clip((x + b)/s, Qn, Qp)).
 
     G is 1 (per tensor) or the batch size (DLS per sample); lo/hi are ∓inf except for DLS. The values are
-    those the quantizer's forward uses (same float32 expressions).
+    those the quantizer's forward uses (``affine_params``).
     """
     if not bool(getattr(quantizer, "initialized", False)):
         name = type(quantizer).__name__
         raise ValueError(f"{name} is not initialised; run a batch before integer inference")
-    inf = torch.tensor([float("inf")])
-    if isinstance(quantizer, ActQuant):
-        s, b = quantizer.step.detach().clamp_min(MIN_STEP), quantizer.offset.detach()
-    elif isinstance(quantizer, LSQ):
-        s, b = quantizer._step(x).detach(), torch.zeros(())
-    elif isinstance(quantizer, LSQPlus):
-        s, b = quantizer.step.detach().clamp_min(MIN_STEP), -quantizer.offset.detach()
-    elif isinstance(quantizer, DLS):
-        delta, beta, lo, hi = (t.detach().reshape(-1).float() for t in quantizer.step_and_offset(x))
-        return delta, beta, lo, hi
-    else:
+    try:
+        s, b, clip = affine_params(quantizer, x)
+    except NotImplementedError:
         name = type(quantizer).__name__
-        raise NotImplementedError(f"integer inference does not support {name} activations")
-    return s.reshape(1).float(), b.reshape(1).float(), -inf, inf
+        raise NotImplementedError(f"integer inference does not support {name} activations") from None
+    flat = [t.detach().reshape(-1).float() for t in (s, torch.zeros(()) if b is None else b)]
+    if clip is None:
+        inf = torch.tensor([float("inf")])
+        return flat[0], flat[1], -inf, inf
+    return flat[0], flat[1], clip[0].detach().reshape(-1).float(), clip[1].detach().reshape(-1).float()
 
 
 def per_output(t: torch.Tensor, out_shape: tuple[int, ...], what: str) -> torch.Tensor:
