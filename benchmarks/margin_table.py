@@ -105,10 +105,10 @@ def plot(rows: list[dict], path: Path, scale: int) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, _ in SETS:
-        pts = [r for r in rows if r["set"] == name]
+        pts = [r for r in rows if r["set"] == name.lstrip("@")]
         ax.errorbar([r["gain"] for r in pts], [r["margin"] for r in pts], yerr=[r["ci"] for r in pts],
                     marker="o", capsize=3, label=name.lstrip("@"))
-        for r in pts:
+        for r in pts if name == SETS[0][0] else []:  # one label per checkpoint
             ax.annotate(r["label"], (r["gain"], r["margin"]), textcoords="offset points", xytext=(4, 4))
     ax.axhline(0.0, color="0.5", linestyle=":")
     ax.set_xlabel(f"float ×{scale} gain over bicubic (dB)")
