@@ -1,8 +1,9 @@
 """Side-by-side crops of several models on built-in images: does a model look sharper than bicubic?
 
-For each image: the HR centre crop (``--crop`` px, as ``qmambair test --crop``), its MATLAB-bicubic LR, and
-each model's output; a ``--view``-px window at the centre of the crop is shown enlarged ``--zoom`` times,
-labelled with the model and its Y PSNR on the whole crop. One row per image, written as one PNG.
+For each image: the HR centre crop (``--crop`` px), the MATLAB-bicubic LR of that crop, and each model's
+output (the LR is made from the crop, so PSNRs can differ slightly from ``qmambair test --crop``, whose LR
+comes from the whole image); a ``--view``-px window at the centre of the crop is shown enlarged ``--zoom``
+times, labelled with the model and its Y PSNR on the whole crop. One row per image, written as one PNG.
 
     python benchmarks/compare_crops.py --scale 4 --images astronaut,coffee,chelsea \\
         --model bicubic=bicubic --model shipped=light-sr-x4-fp \\
