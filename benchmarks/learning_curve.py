@@ -9,6 +9,7 @@ it). ``--init-psnr`` adds the starting model's validation as step 0 (e.g. from i
 
     python benchmarks/learning_curve.py runs/campaign/x4-fp2 --target 1.0 --init-psnr 38.872
     python benchmarks/learning_curve.py runs/campaign/x4-fp2 --out docs/curves/x4-fp2.md
+    python benchmarks/learning_curve.py runs/campaign/x4-fp3 --target 1.3 --at 3000
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def fit_log(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     return my - b * mx, b
 
 
-def report(run: Path, target: float, init_psnr: float | None) -> str:
+def report(run: Path, target: float, init_psnr: float | None, at: list[int] | None = None) -> str:
     vals, rates = read_log(run)
     if not vals:
         return f"{run}: no validation yet\n"
@@ -82,6 +83,9 @@ def report(run: Path, target: float, init_psnr: float | None) -> str:
             hours = step * statistics.median(rates) / 3600 if rates else float("nan")
             lines.append(f"Extrapolated: +{target:.2f} dB at step ≈ {step:,.0f} (≈ {hours:,.1f} h at the "
                          "median step time; an extrapolation of a log fit, not a measurement).")
+        for step_at in at or []:
+            gain = a + b * math.log10(step_at)
+            lines.append(f"The fit at step {step_at:,}: {gain:+.3f} dB (an extrapolation).")
     return "\n".join(lines) + "\n"
 
 
@@ -90,10 +94,12 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path, help="run folders (each with log.jsonl)")
     p.add_argument("--target", type=float, default=1.0, help="gain over bicubic to extrapolate to (dB)")
     p.add_argument("--init-psnr", type=float, help="validation PSNR of the starting model (step 0)")
+    p.add_argument("--at", type=int, action="append", metavar="STEP",
+                   help="also print the fit's gain at this step, e.g. the run's last (repeatable)")
     p.add_argument("--out", type=Path, help="write the Markdown here (refuses an existing file)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()
-    text = "\n".join(report(run, args.target, args.init_psnr) for run in args.runs)
+    text = "\n".join(report(run, args.target, args.init_psnr, args.at) for run in args.runs)
     if args.out is None:
         sys.stdout.write(text)
         return

@@ -14,6 +14,7 @@ trainings sharing a 2-core machine), and prints both tables.
 
     python benchmarks/quant_speed.py --threads 2 --repeats 5
     python benchmarks/quant_speed.py --threads 1 --pair
+    python benchmarks/quant_speed.py --threads 2 --no-train --repeats 9   # inference only
     python benchmarks/quant_speed.py --profile qmambair     # top operators of one Q-MambaIR training step
 """
 
@@ -139,6 +140,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-infer", action="store_true", help="time training steps only")
+    p.add_argument("--no-train", action="store_true", help="time inference only")
     p.add_argument("--pair", action="store_true", help="two copies side by side, one thread each")
     p.add_argument("--profile", default="", help="profile one training step of this case instead")
     args = p.parse_args()
@@ -164,7 +166,8 @@ def main() -> None:
     machine = f"{args.threads} thread(s), torch {torch.__version__}"
     print(f"light ×{args.scale}, W{args.bits}A{args.bits}, batch {args.batch}, "
           f"LR {args.lr_size}×{args.lr_size}; {args.repeats} repeats, interleaved; {machine}\n")
-    print(table("training step", run_interleaved(train_cases, args.repeats)))
+    if not args.no_train:
+        print(table("training step", run_interleaved(train_cases, args.repeats)))
     if not args.no_infer:
         print(f"\ninference: one {args.infer_size}×{args.infer_size} LR image, no grad, eval mode\n")
         print(table("inference", run_interleaved(infer_cases, args.repeats)))

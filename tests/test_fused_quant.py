@@ -251,3 +251,41 @@ def test_a_packed_model_decodes_its_codes_once(tmp_path):
     first = wq(weight)
     assert wq(weight) is first  # the decoded weight is stored, not recomputed per call
     assert torch.equal(first, scale * codes.float() - offset)
+
+
+@pytest.mark.parametrize("method, per_sample", [("qmambair", False), ("qmambair", True), ("lsq", False)])
+def test_inference_quantizes_u_and_delta_inside_the_scan(monkeypatch, method, per_sample):
+    """Without gradients the fused CPU scan fake-quantizes u and Δ as it reads them (QScan passes their
+    affine maps); the model's output must be that of quantizing them first, fused and eager alike."""
+    import qmambair.scan.cpu as scan_cpu
+    from qmambair.models.presets import build_model
+    from qmambair.quant import QuantConfig, quantize_model
+    from qmambair.quant.layers import QScan
+
+    torch.manual_seed(0)
+    model = build_model("light-sr-x4", embed_dim=12, depths=(1, 1), d_state=4)
+    model = quantize_model(model, QuantConfig(method=method, bits=2, dls_per_sample=per_sample)).train()
+    with torch.no_grad(), quant_kernels("eager"):
+        model(torch.rand(2, 3, 12, 12, generator=_gen(0)))  # initialises the quantizers
+    model.eval()
+    image = torch.rand(2, 3, 10, 14, generator=_gen(1))
+    loads = []
+    real = scan_cpu.selective_scan_cpu
+
+    def spy(*args, **kwargs):
+        loads.append((kwargs.get("u_quant"), kwargs.get("delta_quant")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan_cpu, "selective_scan_cpu", spy)
+    with torch.no_grad():
+        on_load = model(image)
+    scans = sum(isinstance(m, QScan) for m in model.modules())
+    assert scans == 2 and len(loads) == scans and all(u is not None and d is not None for u, d in loads)
+    loads.clear()
+    with torch.no_grad(), quant_kernels("eager"):
+        eager = model(image)
+    with torch.enable_grad():
+        with_graph = model(image).detach()  # a graph is wanted: u and Δ are quantized before the scan
+    assert loads and all(u is None and d is None for u, d in loads)
+    assert torch.equal(on_load, with_graph)
+    torch.testing.assert_close(on_load, eager, rtol=0, atol=1e-6)

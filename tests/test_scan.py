@@ -250,3 +250,52 @@ def test_fused_cpu_scan_flushes_a_decaying_state_instead_of_going_subnormal():
     assert not tiny.any()
     y.sum().backward()
     assert torch.isfinite(delta.grad).all()
+
+
+# --------------------------------------------------------------------------- fake quantization on load
+def quantize_by_hand(x: torch.Tensor, s, b, lo, hi, qn: float, qp: float) -> torch.Tensor:
+    """The affine fake quantization written out here (the oracle): per batch element scalars."""
+    rows = []
+    for i in range(x.shape[0]):
+        pick = [t if t.numel() == 1 else t[i] for t in (s, b, lo, hi)]
+        si, bi, loi, hii = (float(t) for t in pick)
+        q = torch.round(torch.clamp((x[i] + bi) / si, qn, qp))
+        rows.append(torch.clamp(q * si - bi, loi, hii))
+    return torch.stack(rows)
+
+
+def load_quants():
+    # u: per batch element, with a clip inside the grid's range; delta: one for the batch, no clip
+    u_q = scan.LoadQuant(torch.tensor([0.3, 0.45]), torch.tensor([0.1, -0.2]), torch.tensor([-0.7, -2.0]),
+                         torch.tensor([0.5, 2.5]), -2.0, 1.0)
+    d_q = scan.LoadQuant(torch.tensor(0.25), torch.tensor(0.05), torch.tensor(-math.inf),
+                         torch.tensor(math.inf), -8.0, 7.0)
+    return u_q, d_q
+
+
+@pytest.mark.parametrize("backend", FAST + ["ref"])
+def test_load_quant_scans_the_fake_quantized_inputs(backend):
+    ins = make_inputs(batch=2, groups=2, per_group=20, n=4, length=70)
+    args = {k: (ins[k].float() if ins[k] is not None else None) for k in NAMES}
+    u_q, d_q = load_quants()
+    by_hand = dict(args, u=quantize_by_hand(args["u"], *u_q), delta=quantize_by_hand(args["delta"], *d_q))
+    assert not torch.equal(by_hand["u"], args["u"])
+    with torch.no_grad():
+        got = selective_scan(**args, delta_softplus=True, backend=backend, u_quant=u_q, delta_quant=d_q)
+        want = selective_scan(**by_hand, delta_softplus=True, backend=backend)
+        plain = selective_scan(**args, delta_softplus=True, backend=backend)
+    assert torch.equal(got, want)  # same kernel, same quantized values: bit for bit
+    assert (got - plain).abs().max() > 0.1
+
+
+def test_load_quant_is_for_inference_only():
+    ins = make_inputs(batch=1, groups=1, per_group=2, n=2, length=5)
+    u = ins["u"].float().requires_grad_()
+    u_q, _ = load_quants()
+    args = {k: (ins[k].float() if ins[k] is not None else None) for k in NAMES if k != "u"}
+    for backend in ["chunked"] + (["cpu"] if HAS_CPU else []):
+        with pytest.raises(ValueError, match="inference"):
+            selective_scan(u, **args, delta_softplus=True, backend=backend, u_quant=u_q)
+    bad = scan.LoadQuant(torch.ones(3), torch.zeros(()), torch.zeros(()), torch.ones(()), -2.0, 1.0)
+    with pytest.raises(ValueError, match="3 values for a batch of 2"):
+        bad.rows(2)

@@ -42,10 +42,13 @@ def export_scan(max_chunk: int = EXPORT_CHUNK) -> Iterator[None]:
     """
     from .models import ss2d
     from .scan.chunked import selective_scan_chunked
+    from .scan.load_quant import quantize_before_scan
 
     def scan(
-        u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
-    ):
+        u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+        u_quant=None, delta_quant=None,
+    ):  # fmt: skip
+        u, delta = quantize_before_scan(u, delta, u_quant, delta_quant)
         return selective_scan_chunked(
             u,
             delta,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..scan import selective_scan
+from ..scan.load_quant import LoadQuant
 
 DIRECTIONS = 4
 
@@ -25,7 +26,8 @@ class Projection(nn.Module):
 
 
 class ScanOp(nn.Module):
-    """The selective scan with softplus on delta; A is already -exp(A_logs)."""
+    """The selective scan with softplus on delta; A is already -exp(A_logs). ``u_quant`` / ``delta_quant``:
+    fake quantization of u / delta applied by the scan as it reads them (inference only)."""
 
     def forward(
         self,
@@ -36,8 +38,11 @@ class ScanOp(nn.Module):
         C: torch.Tensor,
         D: torch.Tensor,
         delta_bias: torch.Tensor,
+        u_quant: LoadQuant | None = None,
+        delta_quant: LoadQuant | None = None,
     ) -> torch.Tensor:
-        return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)
+        loads = {"u_quant": u_quant, "delta_quant": delta_quant} if u_quant or delta_quant else {}
+        return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True, **loads)
 
 
 def scan_orders(x: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,18 @@ quantizer state. ``QProjection`` and ``QScan`` replace SS2D's parameter-free op 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models.ss2d import Projection, ScanOp
+from ..scan import resolve_backend
+from ..scan.load_quant import LoadQuant
+from .affine_params import affine_params
+from .base import Quantizer
+from .fused import use_fused
 
 SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 Q = nn.Module | None  # a quantizer, or None for float
@@ -97,6 +104,32 @@ class QScan(ScanOp):
         return getattr(self, f"{name}_quant")
 
     def forward(self, u, delta, A, B, C, D, delta_bias) -> torch.Tensor:
-        inputs = (u, delta, A, B, C, D, delta_bias)
-        q = [self.quantizer(name)(t) for name, t in zip(SCAN_INPUTS, inputs, strict=True)]
-        return super().forward(*q)
+        loads = self._load_quants(u, delta)
+        on_load = () if loads is None else ("u", "delta")  # fake-quantized by the scan as it reads them
+        inputs = zip(SCAN_INPUTS, (u, delta, A, B, C, D, delta_bias), strict=True)
+        q = [t if name in on_load else self.quantizer(name)(t) for name, t in inputs]
+        u_quant, delta_quant = loads or (None, None)
+        return super().forward(*q, u_quant=u_quant, delta_quant=delta_quant)
+
+    def _load_quants(self, u: torch.Tensor, delta: torch.Tensor) -> tuple[LoadQuant | None, ...] | None:
+        """u's and delta's quantization as ``LoadQuant``s for the fused CPU scan, or None where the usual path
+        must run: gradients wanted, the fused quantizers or the 'cpu' scan not in use, a quantizer not yet
+        initialised or without an affine form (docs/method.md §3.8)."""
+        if torch.is_grad_enabled() or not use_fused(u) or resolve_backend(None, u) != "cpu":
+            return None
+        loads = []
+        for name, x in (("u", u), ("delta", delta)):
+            q = self.quantizer(name)
+            if not isinstance(q, Quantizer):
+                loads.append(None)  # kept float
+                continue
+            if not bool(q.initialized):
+                return None
+            try:
+                step, offset, clip = affine_params(q, x)
+            except NotImplementedError:
+                return None
+            lo, hi = clip if clip is not None else (torch.tensor(-math.inf), torch.tensor(math.inf))
+            offset = torch.zeros(()) if offset is None else offset
+            loads.append(LoadQuant(step, offset, lo, hi, q.qn, q.qp))
+        return tuple(loads) if any(q is not None for q in loads) else None

@@ -15,6 +15,7 @@ import os
 import torch
 
 from .chunked import selective_scan_chunked
+from .load_quant import LoadQuant, quantize_before_scan
 from .reference import expand_groups, selective_scan_ref
 
 BACKENDS = ("ref", "cpu", "chunked", "gpu")
@@ -92,14 +93,20 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     backend: str | None = None,
+    u_quant: LoadQuant | None = None,
+    delta_quant: LoadQuant | None = None,
 ):
     """Same signature and semantics as mamba_ssm's ``selective_scan_fn`` (B, C: (batch, groups, N, L)).
 
-    ``backend``: 'ref', 'cpu', 'chunked', 'gpu', 'auto' or None (None: $QMAMBAIR_SCAN, else automatic)."""
+    ``backend``: 'ref', 'cpu', 'chunked', 'gpu', 'auto' or None (None: $QMAMBAIR_SCAN, else automatic).
+    ``u_quant`` / ``delta_quant`` (inference only, see ``load_quant``): scan the fake-quantized u / delta; the
+    'cpu' backend quantizes while it reads them, the others quantize first."""
     name = resolve_backend(backend, u)
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "cpu":
-        return _cpu_module().selective_scan_cpu(*args)
+        args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return _cpu_module().selective_scan_cpu(*args, u_quant=u_quant, delta_quant=delta_quant)
+    u, delta = quantize_before_scan(u, delta, u_quant, delta_quant)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "chunked":
         return selective_scan_chunked(*args)
     if name == "gpu":
@@ -111,6 +118,7 @@ def selective_scan(
 
 __all__ = [
     "BACKENDS",
+    "LoadQuant",
     "available_backends",
     "expand_groups",
     "resolve_backend",

@@ -32,6 +32,8 @@ import time
 import numpy as np
 import torch
 
+from .load_quant import FIELDS, INFERENCE_ONLY, LoadQuant
+
 try:  # numba is optional: without it the dispatcher falls back to the chunked PyTorch scan
     import numba
     from llvmlite import ir as _llvm_ir
@@ -111,13 +113,29 @@ if AVAILABLE:
         inv = np.float32(1.0) / (np.float32(1.0) + e)
         return inv if x >= np.float32(0.0) else e * inv
 
+    @njit(inline="always", cache=True, error_model="numpy")
+    def _fake_quant(x, s, off, lo, hi, qn, qp):
+        """min(max(s·rint(min(max((x + off)/s, qn), qp)) − off, lo), hi): the float32 operations of the fused
+        quantizers' affine map (``qmambair.quant.kernels.affine_forward``), so the values agree to the bit."""
+        t = min(max((x + off) / s, qn), qp)
+        return min(max(s * np.rint(t) - off, lo), hi)
+
     @njit(cache=True, error_model="numpy")
-    def _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg):
-        """Tile of δ = softplus(delta + bias) (or delta + bias), transposed to (T, w); sg = dδ/d(delta)."""
-        for j in range(w):
-            bj = bias[d0 + j]
+    def _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg, q):
+        """Tile of δ = softplus(delta + bias) (or delta + bias), transposed to (T, w); sg = dδ/d(delta).
+
+        ``q`` (batch, 6) = (s, offset, lo, hi, qn, qp) per batch element fake-quantizes delta as it is read;
+        an empty ``q`` reads it as it is."""
+        if q.shape[0] > 0:
+            _load_tile_quant(delta, b, d0, w, t0, T, dl, q)
             for i in range(T):
-                dl[i, j] = delta[b, d0 + j, t0 + i] + bj
+                for j in range(w):
+                    dl[i, j] += bias[d0 + j]
+        else:
+            for j in range(w):
+                bj = bias[d0 + j]
+                for i in range(T):
+                    dl[i, j] = delta[b, d0 + j, t0 + i] + bj
         if softplus:
             for i in range(T):
                 for j in range(w):
@@ -137,6 +155,19 @@ if AVAILABLE:
         for j in range(w):
             for i in range(T):
                 dst[i, j] = src[b, d0 + j, t0 + i]
+
+    @njit(cache=True, error_model="numpy")
+    def _load_tile_quant(src, b, d0, w, t0, T, dst, q):
+        """``_load_tile``, then (q not empty) each value fake-quantized with q[b] = (s, offset, lo, hi, qn,
+        qp), in a second loop over the contiguous tile so that it vectorizes."""
+        _load_tile(src, b, d0, w, t0, T, dst)
+        if q.shape[0] == 0:
+            return
+        s, off, lo, hi, qn, qp = q[b, 0], q[b, 1], q[b, 2], q[b, 3], q[b, 4], q[b, 5]
+        for i in range(T):
+            row = dst[i]
+            for j in range(w):
+                row[j] = _fake_quant(row[j], s, off, lo, hi, qn, qp)
 
     @njit(cache=True, error_model="numpy")
     def _store_tile(src, dst, b, d0, w, t0, T):
@@ -174,9 +205,12 @@ if AVAILABLE:
         return (s0 + s2) + (s1 + s3)
 
     @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
-    def _scan_fwd(u, delta, At, Bt, Ct, Dv, bias, z, out, hs, hlast, softplus, has_z, save, width, chunk):
+    def _scan_fwd(
+        u, delta, At, Bt, Ct, Dv, bias, z, out, hs, hlast, softplus, has_z, save, width, chunk, uq, dq,
+    ):  # fmt: skip
         """Forward over items (batch, group, channel block). Writes out, hlast and (if save) hs[b, c] = state
-        at the start of chunk c."""
+        at the start of chunk c. ``uq`` / ``dq``: fake quantization of u / delta as they are read
+        (``_load_tile_quant``; empty: none)."""
         nb, dp, L = u.shape
         N = At.shape[0]
         G = Bt.shape[1]
@@ -204,8 +238,8 @@ if AVAILABLE:
                     for n in range(N):
                         for j in range(w):
                             hs[b, c, n, d0 + j] = h[n, j]
-                _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg)
-                _load_tile(u, b, d0, w, t0, T, uu)
+                _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg, dq)
+                _load_tile_quant(u, b, d0, w, t0, T, uu, uq)
                 for i in range(T):
                     for j in range(w):
                         du[i, j] = dl[i, j] * uu[i, j]
@@ -276,10 +310,11 @@ if AVAILABLE:
             rowc = np.zeros(wpad, np.float32)
             dd_tot = np.zeros(w, np.float64)
             db_tot = np.zeros(w, np.float64)
+            no_quant = np.empty((0, 6), np.float32)
             for c in range(nchunks - 1, -1, -1):
                 t0 = c * chunk
                 T = min(chunk, L - t0)
-                _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg)
+                _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg, no_quant)
                 _load_tile(u, b, d0, w, t0, T, uu)
                 _load_tile(dout, b, d0, w, t0, T, dy)
                 for i in range(T):
@@ -384,36 +419,46 @@ def _block_width(batch: int, groups: int, per_group: int, n_state: int, chunk: i
     return math.ceil(per_group / nblk)
 
 
+def _forward(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, chunk, u_quant=None, delta_quant=None
+):
+    """Run ``_scan_fwd``: (out, hlast) in float32, the float32 inputs it read, hs and the block width."""
+    nb, dp, L = u.shape
+    G, N = B.shape[1], A.shape[1]
+    if dp % G:
+        raise ValueError(f"{dp} channels cannot be split into {G} groups")
+    width = _block_width(nb, G, dp // G, N, chunk)
+    f32 = torch.float32
+    u32 = u.detach().to(f32).contiguous()
+    d32 = delta.detach().to(f32).contiguous()
+    at = A.detach().to(f32).t().contiguous()
+    bt = B.detach().to(f32).transpose(2, 3).contiguous()
+    ct = C.detach().to(f32).transpose(2, 3).contiguous()
+    dv = D.detach().to(f32).contiguous() if D is not None else u32.new_zeros(dp)
+    bias = delta_bias.detach().to(f32).contiguous() if delta_bias is not None else u32.new_zeros(dp)
+    z32 = z.detach().to(f32).contiguous() if z is not None else u32.new_zeros(1, 1, 1)
+    nchunks = (L + chunk - 1) // chunk
+    hs = u32.new_empty(nb, nchunks, N, dp) if save else u32.new_empty(1, 1, 1, 1)
+    out = torch.empty_like(u32)
+    hlast = u32.new_empty(nb, N, dp)
+    uq, dq = (np.empty((0, FIELDS), np.float32) if q is None else q.rows(nb) for q in (u_quant, delta_quant))
+    _scan_fwd(
+        u32.numpy(), d32.numpy(), at.numpy(), bt.numpy(), ct.numpy(), dv.numpy(), bias.numpy(),
+        z32.numpy(), out.numpy(), hs.numpy(), hlast.numpy(),
+        bool(delta_softplus), z is not None, save, width, chunk, uq, dq,
+    )  # fmt: skip
+    return out, hlast, (u32, d32, at, bt, ct, dv, bias, z32, hs), width
+
+
 class FusedSelectiveScan(torch.autograd.Function):
     """autograd Function around the numba kernels; see the module docstring."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, chunk):
-        nb, dp, L = u.shape
-        G, N = B.shape[1], A.shape[1]
-        if dp % G:
-            raise ValueError(f"{dp} channels cannot be split into {G} groups")
-        width = _block_width(nb, G, dp // G, N, chunk)
-        f32 = torch.float32
-        u32 = u.detach().to(f32).contiguous()
-        d32 = delta.detach().to(f32).contiguous()
-        at = A.detach().to(f32).t().contiguous()
-        bt = B.detach().to(f32).transpose(2, 3).contiguous()
-        ct = C.detach().to(f32).transpose(2, 3).contiguous()
-        dv = D.detach().to(f32).contiguous() if D is not None else u32.new_zeros(dp)
-        bias = delta_bias.detach().to(f32).contiguous() if delta_bias is not None else u32.new_zeros(dp)
-        z32 = z.detach().to(f32).contiguous() if z is not None else u32.new_zeros(1, 1, 1)
-        nchunks = (L + chunk - 1) // chunk
-        hs = u32.new_empty(nb, nchunks, N, dp) if save else u32.new_empty(1, 1, 1, 1)
-        out = torch.empty_like(u32)
-        hlast = u32.new_empty(nb, N, dp)
-        _scan_fwd(
-            u32.numpy(), d32.numpy(), at.numpy(), bt.numpy(), ct.numpy(), dv.numpy(), bias.numpy(),
-            z32.numpy(), out.numpy(), hs.numpy(), hlast.numpy(),
-            bool(delta_softplus), z is not None, save, width, chunk,
-        )  # fmt: skip
+        out, hlast, inputs, width = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, chunk)
         if save:
-            ctx.save_for_backward(u32, d32, at, bt, ct, dv, bias, z32, hs)
+            ctx.save_for_backward(*inputs)
+            G = B.shape[1]
             ctx.meta = (delta_softplus, z is not None, width, chunk, G, D is not None, delta_bias is not None)
             ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
         out = out.to(u.dtype)
@@ -466,16 +511,27 @@ def selective_scan_cpu(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     chunk: int = CHUNK,
+    u_quant: LoadQuant | None = None,
+    delta_quant: LoadQuant | None = None,
 ):
-    """Fused numba scan with mamba_ssm's ``selective_scan_fn`` semantics (B, C: (batch, G, N, L))."""
+    """Fused numba scan with mamba_ssm's ``selective_scan_fn`` semantics (B, C: (batch, G, N, L)).
+
+    ``u_quant`` / ``delta_quant`` fake-quantize u / delta as the kernel reads them (inference only; see
+    ``load_quant``): the result equals scanning the fake-quantized tensors, without writing them."""
     if not AVAILABLE:
         raise RuntimeError("the 'cpu' scan backend needs numba (pip install numba); use backend='chunked'")
     if B.dim() != 4 or C.dim() != 4:
         raise ValueError("the fused CPU scan takes grouped B and C of shape (batch, groups, N, L)")
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    out, last = FusedSelectiveScan.apply(*tensors, bool(delta_softplus), save, int(chunk))
-    return (out, last) if return_last_state else out
+    if u_quant is None and delta_quant is None:
+        out, last = FusedSelectiveScan.apply(*tensors, bool(delta_softplus), save, int(chunk))
+        return (out, last) if return_last_state else out
+    if save:
+        raise ValueError(INFERENCE_ONLY)
+    out, hlast, _, _ = _forward(*tensors, bool(delta_softplus), False, int(chunk), u_quant, delta_quant)
+    out = out.to(u.dtype)
+    return (out, hlast.transpose(1, 2).to(u.dtype)) if return_last_state else out
 
 
 def warm_up() -> float:

@@ -1,0 +1,65 @@
+"""Fake quantization of a scan input applied while the scan reads it (inference only).
+
+A quantized model's scan inputs u and Δ are the two largest tensors of each SS2D layer. Fake-quantizing them
+first writes a quantized copy that the scan then reads back; the fused CPU scan can instead quantize each
+value as it loads it (``LoadQuant``), which saves that write and read. The map is the affine one of the
+activation quantizers (docs/method.md §3.8):
+
+    x̂ = min(max(s·round(min(max((x + b)/s, Qn), Qp)) − b, lo), hi)      (round half to even, float32)
+
+with its scalars per batch element (per-sample DLS) or shared by the batch. ``fake_quant`` is the same map in
+torch operations: the other backends apply it before scanning, and the tests use it as the oracle.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+FIELDS = 6  # s, b, lo, hi, Qn, Qp
+INFERENCE_ONLY = "u_quant / delta_quant are for inference: run without gradients (torch.no_grad())"
+
+
+class LoadQuant(NamedTuple):
+    """The affine fake quantization of one scan input: each tensor has one value or one per batch element."""
+
+    step: torch.Tensor
+    offset: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    qn: float
+    qp: float
+
+    def rows(self, batch: int) -> np.ndarray:
+        """(batch, 6) float32 rows (s, b, lo, hi, Qn, Qp), as the CPU kernel reads them."""
+        out = np.empty((batch, FIELDS), np.float32)
+        for k, value in enumerate((self.step, self.offset, self.lo, self.hi)):
+            flat = value.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+            if flat.numel() not in (1, batch):
+                name = self._fields[k]
+                raise ValueError(f"LoadQuant.{name} has {flat.numel()} values for a batch of {batch}")
+            out[:, k] = flat.numpy()
+        out[:, 4], out[:, 5] = self.qn, self.qp
+        return out
+
+
+def quantize_before_scan(
+    u: torch.Tensor, delta: torch.Tensor, u_quant: LoadQuant | None, delta_quant: LoadQuant | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, delta) fake-quantized with ``fake_quant``, for a scan that does not quantize as it reads."""
+    if u_quant is None and delta_quant is None:
+        return u, delta
+    if torch.is_grad_enabled() and (u.requires_grad or delta.requires_grad):
+        raise ValueError(INFERENCE_ONLY)
+    return (u if u_quant is None else fake_quant(u, u_quant),
+            delta if delta_quant is None else fake_quant(delta, delta_quant))
+
+
+def fake_quant(x: torch.Tensor, q: LoadQuant) -> torch.Tensor:
+    """``q`` applied to ``x`` (batch first) with torch operations, in the kernel's operation order."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    s, b, lo, hi = (t.to(x.dtype).reshape(shape) for t in (q.step, q.offset, q.lo, q.hi))
+    t = torch.clamp((x + b) / s, q.qn, q.qp)
+    return torch.minimum(torch.maximum(s * torch.round(t) - b, lo), hi)
