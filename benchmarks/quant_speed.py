@@ -9,23 +9,26 @@ every case once, in turn, on the same inputs; the table gives medians and the ra
 
 ``--quant-kernels eager,fused`` runs each quantized case with the eager quantizers (the oracle) and with the
 fused kernels (``qmambair.quant.fused``), so the speed-up of the kernels is measured side by side too.
+``--load-quant-ab`` adds, for each fresh quantized model, fused inference with u and Δ quantized before the
+scan instead of by the scan as it reads them (docs/method.md §3.8), so that change is measured side by side.
 ``--pair`` starts two copies of the training comparison side by side, one thread each (the case of two
 trainings sharing a 2-core machine), and prints both tables.
 
     python benchmarks/quant_speed.py --threads 2 --repeats 5
     python benchmarks/quant_speed.py --threads 1 --pair
-    python benchmarks/quant_speed.py --threads 2 --no-train --repeats 9   # inference only
+    python benchmarks/quant_speed.py --threads 2 --no-train --repeats 9 --load-quant-ab   # inference only
     python benchmarks/quant_speed.py --profile qmambair     # top operators of one Q-MambaIR training step
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -83,6 +86,12 @@ def build_cases(args: argparse.Namespace) -> tuple[Cases, Cases]:
 
             train_cases[label] = step
             infer_cases[label] = infer
+            if args.load_quant_ab and kernel == "fused":
+                def infer_before(infer=infer) -> None:
+                    with quantize_before_scan():
+                        infer()
+
+                infer_cases[f"{name} (fused, u/Δ quantized before the scan)"] = infer_before
     if args.packed:
         for bits in args.packed.split(","):
             for method in ("qmambair", "lsq"):
@@ -95,6 +104,20 @@ def build_cases(args: argparse.Namespace) -> tuple[Cases, Cases]:
 
                     infer_cases[f"{name}.qmb ({kernel})"] = infer_packed
     return train_cases, infer_cases
+
+
+@contextlib.contextmanager
+def quantize_before_scan() -> Iterator[None]:
+    """Inside the block QScan does not hand u's and Δ's quantization to the scan (the path before the scan
+    quantized them as it reads them): the baseline of ``--load-quant-ab``."""
+    from qmambair.quant.layers import QScan
+
+    real = QScan._load_quants
+    QScan._load_quants = lambda self, u, delta: None
+    try:
+        yield
+    finally:
+        QScan._load_quants = real
 
 
 def run_interleaved(cases: Cases, repeats: int) -> dict[str, list[float]]:
@@ -141,6 +164,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-infer", action="store_true", help="time training steps only")
     p.add_argument("--no-train", action="store_true", help="time inference only")
+    p.add_argument("--load-quant-ab", action="store_true",
+                   help="also time fused inference with u and Δ quantized before the scan, not inside it")
     p.add_argument("--pair", action="store_true", help="two copies side by side, one thread each")
     p.add_argument("--profile", default="", help="profile one training step of this case instead")
     args = p.parse_args()
