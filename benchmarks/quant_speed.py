@@ -11,12 +11,16 @@ every case once, in turn, on the same inputs; the table gives medians and the ra
 fused kernels (``qmambair.quant.fused``), so the speed-up of the kernels is measured side by side too.
 ``--load-quant-ab`` adds, for each fresh quantized model, fused inference with u and Δ quantized before the
 scan instead of by the scan as it reads them (docs/method.md §3.8), so that change is measured side by side.
+``--denormals-ab`` adds every case once more with IEEE subnormal arithmetic in the fused scan (its kernels
+flush subnormal numbers to zero otherwise, ``qmambair.scan.cpu``), so what that mode saves is measured side by
+side.
 ``--pair`` starts two copies of the training comparison side by side, one thread each (the case of two
 trainings sharing a 2-core machine), and prints both tables.
 
     python benchmarks/quant_speed.py --threads 2 --repeats 5
     python benchmarks/quant_speed.py --threads 1 --pair
     python benchmarks/quant_speed.py --threads 2 --no-train --repeats 9 --load-quant-ab   # inference only
+    python benchmarks/quant_speed.py --threads 1 --no-infer --packed "" --denormals-ab
     python benchmarks/quant_speed.py --profile qmambair     # top operators of one Q-MambaIR training step
 """
 
@@ -103,7 +107,24 @@ def build_cases(args: argparse.Namespace) -> tuple[Cases, Cases]:
                             model(image)
 
                     infer_cases[f"{name}.qmb ({kernel})"] = infer_packed
+    if args.denormals_ab:
+        train_cases, infer_cases = with_ieee_variants(train_cases), with_ieee_variants(infer_cases)
     return train_cases, infer_cases
+
+
+def with_ieee_variants(cases: Cases) -> Cases:
+    """Each case, then the same case with IEEE subnormal arithmetic in the fused scan."""
+    from qmambair.scan.cpu import ieee_denormals
+
+    out: Cases = {}
+    for name, fn in cases.items():
+        def ieee(fn=fn) -> None:
+            with ieee_denormals():
+                fn()
+
+        out[name] = fn
+        out[f"{name}, IEEE subnormals in the scan"] = ieee
+    return out
 
 
 @contextlib.contextmanager
@@ -166,6 +187,8 @@ def main() -> None:
     p.add_argument("--no-train", action="store_true", help="time inference only")
     p.add_argument("--load-quant-ab", action="store_true",
                    help="also time fused inference with u and Δ quantized before the scan, not inside it")
+    p.add_argument("--denormals-ab", action="store_true",
+                   help="also time every case with IEEE subnormal arithmetic in the scan")
     p.add_argument("--pair", action="store_true", help="two copies side by side, one thread each")
     p.add_argument("--profile", default="", help="profile one training step of this case instead")
     args = p.parse_args()
@@ -174,7 +197,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--threads", "1", "--no-infer", "--packed", "",
                "--repeats", str(args.repeats), "--bits", str(args.bits), "--batch", str(args.batch),
                "--lr-size", str(args.lr_size), "--scale", str(args.scale), "--methods", args.methods,
-               "--quant-kernels", args.quant_kernels]
+               "--quant-kernels", args.quant_kernels] + (["--denormals-ab"] if args.denormals_ab else [])
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
         for i, proc in enumerate(procs):
             out, _ = proc.communicate()

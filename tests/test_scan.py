@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,6 +253,50 @@ def test_fused_cpu_scan_flushes_a_decaying_state_instead_of_going_subnormal():
     assert not tiny.any()
     y.sum().backward()
     assert torch.isfinite(delta.grad).all()
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="needs numba")
+def test_fused_cpu_scan_counts_subnormal_numbers_as_zero_and_restores_the_fp_mode():
+    from qmambair.scan.cpu import ieee_denormals
+
+    # y = D·u with B = C = 0: IEEE arithmetic gives the subnormal 1e-39, flush-to-zero gives 0 (forward);
+    # du = D·dy with dy = 1e-39 likewise (backward)
+    tiny = 1e-39
+    u = torch.full((2, 32, 9), tiny, requires_grad=True)
+    args = dict(delta=torch.full((2, 32, 9), 0.1), A=-torch.ones(32, 4), B=torch.zeros(2, 1, 4, 9),
+                C=torch.zeros(2, 1, 4, 9), D=torch.ones(32))
+    for flush in (True, False):
+        with contextlib.nullcontext() if flush else ieee_denormals():
+            u.grad = None
+            y = selective_scan(u, **args, backend="cpu")
+            y.backward(torch.full_like(y, tiny))
+        want = 0.0 if flush else tiny  # the IEEE value: 1·1e-39 rounded to float32
+        assert torch.equal(y.detach(), torch.full_like(y, want).float()), flush
+        assert torch.equal(u.grad, torch.full_like(u, want).float()), flush
+
+    # the mode is switched back on every thread that ran a work item: later numba code and numpy on this
+    # thread still produce subnormal results
+    assert np.float32(2e-38) / np.float32(4.0) > 0
+    halves = _halve_in_parallel(np.full(64 * 1024, 2e-38, np.float32))
+    assert (halves > 0).all()
+
+
+@functools.cache
+def _parallel_halver():
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def halve(x, out):
+        for i in prange(x.shape[0]):
+            out[i] = x[i] * np.float32(0.5)
+
+    return halve
+
+
+def _halve_in_parallel(x: np.ndarray) -> np.ndarray:
+    out = np.empty_like(x)
+    _parallel_halver()(x, out)
+    return out
 
 
 # --------------------------------------------------------------------------- fake quantization on load

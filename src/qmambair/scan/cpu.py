@@ -21,13 +21,20 @@ Compilation: the kernels take about 13 s to compile on the 2-core development ma
 directory), so later processes load them in well under a second. ``warm_up()`` compiles (or loads) them
 explicitly.
 
+Subnormal numbers: each work item runs with the x86 flush-to-zero and denormals-are-zero modes on (restored
+when it ends; ``ieee_denormals()`` turns this off, for comparisons). Values below 1.2e-38 then count as 0;
+they are 1e-30 or more below any output's scale, and subnormal arithmetic costs ~100 cycles per operation.
+
 Computes in float32 whatever the input dtype (inputs are cast, results cast back).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import platform
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -38,11 +45,15 @@ try:  # numba is optional: without it the dispatcher falls back to the chunked P
     import numba
     from llvmlite import ir as _llvm_ir
     from numba import njit, prange, types
+    from numba.core import cgutils
     from numba.core.extending import intrinsic
 except ImportError:  # pragma: no cover - exercised only on installs without numba
     numba = None
 
 AVAILABLE = numba is not None
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_FTZ_DAZ = 0x8040  # MXCSR bits: flush-to-zero (bit 15) and denormals-are-zero (bit 6)
+_FTZ = [True]  # whether the kernels switch subnormals off (top of the stack; see ``ieee_denormals``)
 CHUNK = 64  # positions between saved hidden states
 _LANES = 16  # partial sums for the deterministic channel reduction of dB/dC
 _SCRATCH_FLOATS = 65536  # per buffer: chunk * N * block width stays about 256 KB (L2-resident)
@@ -56,6 +67,50 @@ if AVAILABLE:
 
         def codegen(context, builder, signature, args):
             return builder.bitcast(args[0], _llvm_ir.FloatType())
+
+        return sig, codegen
+
+    def _mxcsr_call(builder, name, ptr):
+        i8p = _llvm_ir.IntType(8).as_pointer()
+        fn = builder.module.declare_intrinsic(name, fnty=_llvm_ir.FunctionType(_llvm_ir.VoidType(), [i8p]))
+        builder.call(fn, [builder.bitcast(ptr, i8p)])
+
+    @intrinsic
+    def _denormals_off(typingctx):
+        """Switch the calling thread's x86 SSE unit to flush-to-zero and denormals-are-zero; return the old
+        MXCSR word for ``_restore_fp_mode`` (0 and no effect on other CPUs).
+
+        Subnormal float32 values (|v| < 1.2e-38) cost ~100 cycles per operation on x86. The scan's states and
+        adjoints only decay where the quantized inputs are zero, and their products with small gates sink
+        below that range: with W2A2 LSQ inputs the backward ran 1.9x the float time. The mode is per thread,
+        so every parallel work item sets it and restores the old word before it ends (numba's worker threads
+        and the other kernels keep IEEE behaviour)."""
+        sig = types.uint32()
+
+        def codegen(context, builder, signature, args):
+            i32 = _llvm_ir.IntType(32)
+            if not _X86:
+                return _llvm_ir.Constant(i32, 0)
+            ptr = cgutils.alloca_once(builder, i32)  # in the entry block: no stack growth in loops
+            _mxcsr_call(builder, "llvm.x86.sse.stmxcsr", ptr)
+            old = builder.load(ptr)
+            builder.store(builder.or_(old, _llvm_ir.Constant(i32, _FTZ_DAZ)), ptr)
+            _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", ptr)
+            return old
+
+        return sig, codegen
+
+    @intrinsic
+    def _restore_fp_mode(typingctx, old):
+        """Load back the MXCSR word ``_denormals_off`` returned (no effect on other CPUs)."""
+        sig = types.void(types.uint32)
+
+        def codegen(context, builder, signature, args):
+            if _X86:
+                ptr = cgutils.alloca_once(builder, _llvm_ir.IntType(32))
+                builder.store(args[0], ptr)
+                _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", ptr)
+            return context.get_dummy_value()
 
         return sig, codegen
 
@@ -206,7 +261,7 @@ if AVAILABLE:
 
     @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
     def _scan_fwd(
-        u, delta, At, Bt, Ct, Dv, bias, z, out, hs, hlast, softplus, has_z, save, width, chunk, uq, dq,
+        u, delta, At, Bt, Ct, Dv, bias, z, out, hs, hlast, softplus, has_z, save, width, chunk, uq, dq, ftz,
     ):  # fmt: skip
         """Forward over items (batch, group, channel block). Writes out, hlast and (if save) hs[b, c] = state
         at the start of chunk c. ``uq`` / ``dq``: fake quantization of u / delta as they are read
@@ -217,6 +272,7 @@ if AVAILABLE:
         dg = dp // G
         nblk = (dg + width - 1) // width
         for item in prange(nb * G * nblk):
+            fp_mode = _denormals_off() if ftz else np.uint32(0)
             b = item // (G * nblk)
             g = (item // nblk) % G
             d0 = g * dg + (item % nblk) * width
@@ -267,10 +323,12 @@ if AVAILABLE:
             for n in range(N):
                 for j in range(w):
                     hlast[b, n, d0 + j] = h[n, j]
+            if ftz:
+                _restore_fp_mode(fp_mode)
 
     @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
     def _scan_bwd(
-        u, delta, At, Bt, Ct, Dv, bias, z, dout, hs, softplus, has_z, width, chunk,
+        u, delta, At, Bt, Ct, Dv, bias, z, dout, hs, softplus, has_z, width, chunk, ftz,
         du_out, ddelta_out, dz_out, dA_out, dD_out, dbias_out, dB_part, dC_part,
     ):  # fmt: skip
         """Backward over the items of ``_scan_fwd``, chunks last to first, recomputing each chunk's states.
@@ -283,6 +341,7 @@ if AVAILABLE:
         nblk = (dg + width - 1) // width
         nchunks = (L + chunk - 1) // chunk
         for item in prange(nb * G * nblk):
+            fp_mode = _denormals_off() if ftz else np.uint32(0)
             b = item // (G * nblk)
             g = (item // nblk) % G
             blk = item % nblk
@@ -406,6 +465,19 @@ if AVAILABLE:
                 dbias_out[b, d0 + j] = db_tot[j]
                 for n in range(N):
                     dA_out[b, n, d0 + j] = da_tot[n, j]
+            if ftz:
+                _restore_fp_mode(fp_mode)
+
+
+@contextlib.contextmanager
+def ieee_denormals() -> Iterator[None]:
+    """Inside the block the scan kernels keep IEEE subnormal arithmetic (the module docstring): for tests and
+    for timing what the flush-to-zero mode saves."""
+    _FTZ.append(False)
+    try:
+        yield
+    finally:
+        _FTZ.pop()
 
 
 def _block_width(batch: int, groups: int, per_group: int, n_state: int, chunk: int) -> int:
@@ -445,7 +517,7 @@ def _forward(
     _scan_fwd(
         u32.numpy(), d32.numpy(), at.numpy(), bt.numpy(), ct.numpy(), dv.numpy(), bias.numpy(),
         z32.numpy(), out.numpy(), hs.numpy(), hlast.numpy(),
-        bool(delta_softplus), z is not None, save, width, chunk, uq, dq,
+        bool(delta_softplus), z is not None, save, width, chunk, uq, dq, _FTZ[-1],
     )  # fmt: skip
     return out, hlast, (u32, d32, at, bt, ct, dv, bias, z32, hs), width
 
@@ -485,7 +557,7 @@ class FusedSelectiveScan(torch.autograd.Function):
         dC_part = u32.new_empty(nb, G, nblk, L, N)
         _scan_bwd(
             u32.numpy(), d32.numpy(), at.numpy(), bt.numpy(), ct.numpy(), dv.numpy(), bias.numpy(),
-            z32.numpy(), g32.numpy(), hs.numpy(), softplus, has_z, width, chunk,
+            z32.numpy(), g32.numpy(), hs.numpy(), softplus, has_z, width, chunk, _FTZ[-1],
             du.numpy(), ddelta.numpy(), dz.numpy(), dA.numpy(), dD.numpy(), dbias.numpy(),
             dB_part.numpy(), dC_part.numpy(),
         )  # fmt: skip
