@@ -235,10 +235,13 @@ def test_eval_mode_quantizes_a_weight_once_until_something_changes():
     with torch.no_grad():
         third = q(weight)
         assert len(calls) == 5 and torch.equal(third, q.quantize(weight))
+        q.eval()  # already in eval mode: the cache stays
+        q(weight)
+        assert len(calls) == 6  # (the direct call above counted once)
         q.train()
         q.eval()
         q(weight)
-        assert len(calls) == 7  # train() dropped the cache (and the direct call above counted once)
+        assert len(calls) == 7  # train() dropped the cache
 
 
 def test_a_packed_model_decodes_its_codes_once(tmp_path):

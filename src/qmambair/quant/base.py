@@ -126,7 +126,7 @@ class WeightQuantizer(Quantizer):
     Without autograd (eval mode, no gradient needed) the quantized weight is computed once and reused
     while the weight and the quantizer's own tensors are unchanged: the cache key holds the weight's storage,
     shape and dtype and the version counters of every tensor involved, which in-place updates (optimiser
-    steps, ``load_state_dict``) advance. ``train()`` drops it.
+    steps, ``load_state_dict``) advance. ``train()`` drops it; ``eval()`` keeps it.
     """
 
     def __init__(self, bits: int):
@@ -155,7 +155,8 @@ class WeightQuantizer(Quantizer):
         return out
 
     def train(self, mode: bool = True) -> WeightQuantizer:
-        self._cached = None
+        if mode:  # eval() keeps it: calling eval() before every batch must not re-quantize the weights
+            self._cached = None
         return super().train(mode)
 
     def integer_codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
