@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from . import __version__
+from .allocator import keep_freed_memory
 
 SubParsers = argparse._SubParsersAction  # the object ``add_subparsers()`` returns
 
@@ -156,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
+    keep_freed_memory()  # tensors' memory is reused, not page-faulted in again (qmambair/allocator.py)
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:
