@@ -82,7 +82,8 @@ if AVAILABLE:
 
         Subnormal float32 values (|v| < 1.2e-38) cost ~100 cycles per operation on x86. The scan's states and
         adjoints only decay where the quantized inputs are zero, and their products with small gates sink
-        below that range: with W2A2 LSQ inputs the backward ran 1.9x the float time. The mode is per thread,
+        below that range: with LSQ W2A2 inputs a training step took 1.41x the float step instead of 1.19x
+        (``benchmarks/quant_speed.py --denormals-ab``, 1 thread, README). The mode is per thread,
         so every parallel work item sets it and restores the old word before it ends (numba's worker threads
         and the other kernels keep IEEE behaviour)."""
         sig = types.uint32()
