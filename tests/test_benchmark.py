@@ -212,3 +212,29 @@ def test_benchmark_from_an_existing_float_model(env):
         run_benchmark(spec(env, methods=["fp", "qmambair"], bits=[2], fp_from=str(other), bench=[]))
     with pytest.raises(ValueError, match="does not exist"):
         spec(env, fp_from=str(env / "missing.safetensors"))
+
+
+def test_benchmark_only_trains_the_named_runs_and_a_run_in_use_is_refused(env):
+    from qmambair.errors import UserError
+    from qmambair.fileio import exclusive_folder
+    from qmambair.models.checkpoint import save_model
+    from qmambair.models.presets import build_model
+
+    torch.manual_seed(3)
+    source = save_model(build_model("light-sr-x4", **TINY), env / "float.safetensors")
+    runs = env / "out" / "runs"
+    s = dict(methods=["fp", "qmambair", "lsq"], bits=[2], fp_from=str(source), bench=[], save_every=1)
+    assert run_benchmark(spec(env, only=["lsq-w2a2"], **s)) == []  # trained, not evaluated
+    assert (runs / "lsq-w2a2" / "model.safetensors").exists() and not (runs / "qmambair-w2a2").exists()
+    assert not (runs / "lsq-w2a2" / "eval.json").exists() and not (env / "out" / "results.md").exists()
+    start = json.loads((runs / "lsq-w2a2" / "log.jsonl").read_text().splitlines()[0])
+    assert start["config"]["save_every"] == 1
+    with pytest.raises(ValueError, match="no run named lsq-w4a4.*qmambair-w2a2, lsq-w2a2"):
+        spec(env, only=["lsq-w4a4"], **s)
+    with exclusive_folder(runs / "qmambair-w2a2", "training"):  # as if another process trained it now
+        with pytest.raises(UserError, match="in use by another training"):
+            run_benchmark(spec(env, **s))
+    assert not (runs / "qmambair-w2a2" / "log.jsonl").exists()
+    rows = run_benchmark(spec(env, **s))  # the last call without only: trains the rest, reports everything
+    assert [r["method"] for r in rows] == ["bicubic", "fp", "qmambair", "lsq"]
+    assert "| lsq | W2A2 |" in (env / "out" / "results.md").read_text()

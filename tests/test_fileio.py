@@ -7,7 +7,8 @@ import stat
 
 import pytest
 
-from qmambair.fileio import atomic_path
+from qmambair.errors import UserError
+from qmambair.fileio import atomic_path, exclusive_folder
 
 
 def test_failed_write_keeps_old_file(tmp_path):
@@ -33,3 +34,15 @@ def test_successful_write_replaces_and_uses_umask_permissions(tmp_path):
     assert target.read_bytes() == b"new"
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
     assert [p.name for p in target.parent.iterdir()] == ["model.bin"]
+
+
+def test_a_claimed_folder_is_refused_to_a_second_claim_until_released(tmp_path):
+    pytest.importorskip("fcntl")
+    folder = tmp_path / "run"
+    with exclusive_folder(folder, "training"):
+        # a second open file description conflicts like another process would
+        with pytest.raises(UserError, match=rf"in use by another training \(process {os.getpid()}\)"):
+            with exclusive_folder(folder, "training"):
+                pass
+    with exclusive_folder(folder):  # released at the end of the block
+        assert (folder / ".lock").read_text() == str(os.getpid())

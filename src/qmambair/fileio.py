@@ -24,7 +24,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["atomic_path", "check_output", "remove_stale_temporaries", "same_file"]
+__all__ = ["atomic_path", "check_output", "exclusive_folder", "remove_stale_temporaries", "same_file"]
 
 STALE_AGE_S = 3600.0  # without flock: a temporary file this old is taken as left by a killed writer
 
@@ -125,6 +125,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if fd >= 0:
             os.close(fd)
     _fsync(path.parent, directory=True)
+
+
+@contextmanager
+def exclusive_folder(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
+    """Claim ``folder`` for this process while the block runs: an advisory lock on ``folder/.lock`` (made if
+    missing; the holder's pid written into it). A second process claiming the same folder meanwhile gets a
+    :class:`UserError` naming that pid; the lock ends with the block or the process, so a killed process
+    leaves nothing to clean up. Without ``flock`` (Windows) there is no check."""
+    folder = Path(folder)
+    if fcntl is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if not _try_lock(fd):
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{folder} is in use by another {what} (process {holder}); wait for it to "
+                            "finish, stop it, or choose another folder")
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

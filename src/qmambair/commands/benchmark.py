@@ -30,6 +30,8 @@ _FIELDS = (
     "calib_patches",
     "tile",
     "test_images",
+    "save_every",
+    "only",
 )
 
 
@@ -77,6 +79,10 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         print(f"qmambair benchmark: error: {exc}", file=sys.stderr)
         return 1
     out = Path(spec.out)
+    if spec.only:
+        print(f"trained {', '.join(spec.only)} in {out / 'runs'}; run the command again without --only to "
+              "evaluate every run and write the report")
+        return 0
     print((out / "results.md").read_text())
     print(
         f"wrote {out / 'results.csv'}, {out / 'results.md'}"
@@ -157,6 +163,15 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--test-images", type=positive_int, metavar="N",
         help="at most N images of the test split (default: all)"
+    )
+    p.add_argument("--save-every", type=positive_int, metavar="N",
+                   help="write a resumable checkpoint every N steps of each run (default 500)")
+    p.add_argument(
+        "--only",
+        type=_name_list,
+        metavar="RUN1,RUN2",
+        help="train or calibrate only these runs (folder names under OUT/runs, e.g. qmambair-w2a2), after "
+        "the float run; to share the work between processes, then run once without --only for the report",
     )
     p.add_argument(
         "--set",

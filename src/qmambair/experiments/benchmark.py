@@ -10,7 +10,10 @@ with DLS and/or RFA off). Every model is evaluated on whole images (MambaIR tili
 split and of each ``bench`` folder by ``qmambair.train.validate.evaluate`` (Y-channel PSNR/SSIM, border =
 scale), and ``OUT/results.csv``, ``results.md`` and ``psnr_vs_bits.png`` are written. Reruns are cheap:
 finished runs (their log reached ``iters``) are skipped, interrupted ones resume from ``last.pt``, and numbers
-are cached in each run's ``eval.json`` (keyed by the model file and the test images).
+are cached in each run's ``eval.json`` (keyed by the model file and the test images). ``only`` splits the
+work over processes or machines sharing ``OUT``: each trains its runs (after the float run they all start
+from); the trainer's folder lock stops two processes from training one run; a last call without ``only``
+evaluates and reports.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ class BenchmarkSpec:
     calib_patches: int = 32  # PTQ calibration set: the first training patches
     tile: int = 200  # MambaIR tiling threshold for whole-image evaluation (LR pixels)
     test_images: int = 0  # use at most this many images of the test split (0: all)
+    save_every: int = 0  # QAT/float runs: resumable checkpoint every N steps (0: the trainer's default)
+    only: list[str] = field(default_factory=list)  # train/calibrate just these runs (plus fp); no report
 
     def __post_init__(self) -> None:
         from ..models.presets import get_preset
@@ -109,6 +114,14 @@ class BenchmarkSpec:
             self.ablation = True
         if self.fp_from and not Path(self.fp_from).is_file():
             raise ValueError(f"float model {self.fp_from} does not exist")
+        if self.save_every < 0:
+            raise ValueError("save_every must be >= 0")
+        self.only = list(dict.fromkeys(self.only))
+        unknown = sorted(set(self.only) - {r.name for r in plan_runs(self)})
+        if unknown:
+            names = ", ".join(r.name for r in plan_runs(self))
+            raise ValueError(f"--only: no run named {', '.join(unknown)} in this benchmark; "
+                             f"its runs: {names}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchmarkSpec:
@@ -176,6 +189,7 @@ def _train_config(spec: BenchmarkSpec, run: _Run, run_dir: Path, fp_model: Path)
         device=spec.device,
         val_every=iters,
         val_images=spec.test_images,
+        save_every=spec.save_every or None,
         **extra,
     ).resolved()
 
@@ -377,6 +391,8 @@ def run_benchmark(
     patches = None
     for run in runs:
         run_dir = runs_dir / run.name
+        if spec.only and run.name not in spec.only and run.name != "fp":  # fp: every run starts from it
+            continue
         if run.name == "fp" and spec.fp_from:
             _adopt_float(Path(spec.fp_from), run_dir, spec.preset, say)
         elif run.quant and QuantConfig(**run.quant).is_ptq:
@@ -386,6 +402,9 @@ def run_benchmark(
         else:
             _train(run, _train_config(spec, run, run_dir, fp_model), progress, say)
 
+    if spec.only:
+        say(f"trained {', '.join(spec.only)}; run without --only to evaluate every run and write the report")
+        return []
     rows: list[dict[str, Any]] = [{"method": "bicubic", "bits": None, "precision": "-", "group": "baseline"}]
     for run in runs:
         row: dict[str, Any] = {

@@ -22,6 +22,7 @@ import random
 import signal
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from ..data.datasets import (
     load_samples,
     min_eval_size,
 )
+from ..fileio import exclusive_folder
 from . import distributed as D
 from .checkpoint import (
     atomic_save,
@@ -403,10 +405,14 @@ class Trainer:
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Build a :class:`Trainer`, run it and clean up; returns the final metrics."""
-    trainer = Trainer(config, resume=resume, progress=progress)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+    """Build a :class:`Trainer`, run it and clean up; returns the final metrics. The run folder is claimed
+    for the whole run (by rank 0 under torchrun), so a second process training into it stops with an error
+    instead of writing over the same checkpoints."""
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with exclusive_folder(config.resolved().out, "training") if main_rank else nullcontext():
+        trainer = Trainer(config, resume=resume, progress=progress)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
 
