@@ -244,6 +244,24 @@ def test_eval_mode_quantizes_a_weight_once_until_something_changes():
         assert len(calls) == 7  # train() dropped the cache
 
 
+@pytest.mark.parametrize("method", ["qmambair", "lsq", "lsq+", "pams", "dorefa", "quantsr", "n2uq", "minmax",
+                                    "dynamic"])
+def test_every_methods_weight_quantizer_is_computed_once_in_eval_mode(method):
+    from qmambair.quant.base import WeightQuantizer
+    from qmambair.quant.convert import QuantConfig, make_weight_quantizer
+
+    weight = torch.randn(12, 8, generator=_gen(8)) * 0.1
+    q = make_weight_quantizer(QuantConfig(method=method, bits=3), weight, 1)
+    assert isinstance(q, WeightQuantizer), type(q).__name__
+    q.train()(weight)
+    q.eval()
+    with torch.no_grad():
+        first = q(weight)
+        assert q(weight) is first
+        weight.add_(0.05)
+        assert q(weight) is not first
+
+
 def test_a_packed_model_decodes_its_codes_once(tmp_path):
     from qmambair.loading import load_model
     from qmambair.quant.pack import frozen_codes, quantized_weights

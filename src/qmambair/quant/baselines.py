@@ -41,11 +41,12 @@ class LSQ(Quantizer):
         return s * round_ste(torch.clamp(x / s, self.qn, self.qp))
 
 
-class LSQWeight(LSQ):
-    """LSQ for weights: the same rule on a symmetric signed grid, exportable as integer codes."""
+class LSQWeight(WeightQuantizer, LSQ):
+    """LSQ for weights: the same rule on a symmetric signed grid, exportable as integer codes (and, as every
+    weight quantizer, computed once in eval mode: ``WeightQuantizer``)."""
 
     def __init__(self, bits: int):
-        super().__init__(bits, signed=True)
+        super().__init__(bits)  # WeightQuantizer -> LSQ(bits, signed=True)
 
     @torch.no_grad()
     def integer_codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
