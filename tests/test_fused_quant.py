@@ -102,6 +102,25 @@ def test_fused_dls_with_learned_parameters_and_ties_on_the_clip_bounds():
         assert_fused_matches_eager(q, x)
 
 
+@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("data", sorted(tensors()))
+def test_dls_step_and_offset_without_a_graph_are_the_eager_values(bits, per_sample, data):
+    # the inference shortcut (numpy scalars from the fused statistics) against the torch expression
+    x = tensors()[data]
+    q = DLS(bits, per_sample=per_sample)
+    with torch.no_grad():
+        q.v.copy_(torch.tensor([-0.8, 0.1, -0.05, 0.02]))
+        q.w.copy_(torch.tensor([0.3, 0.5, -0.02, 0.04]) * (1 if bits == 2 else 0.01))
+        with quant_kernels("eager"):
+            ref = q.step_and_offset(x)
+        with quant_kernels("fused"):
+            got = q.step_and_offset(x)
+    for name, r, g in zip(("delta", "beta", "lo", "hi"), ref, got, strict=True):
+        assert r.shape == g.shape and r.dtype == g.dtype, name
+        assert torch.equal(r, g), f"{name}: {r.flatten()[:4]} vs {g.flatten()[:4]}"
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("anchors", ["grid", "moved", "crossed"])
 def test_fused_rfa_matches_eager(bits, anchors):
@@ -310,3 +329,88 @@ def test_inference_quantizes_u_and_delta_inside_the_scan(monkeypatch, method, pe
     assert loads and all(u is None and d is None for u, d in loads)
     assert torch.equal(on_load, with_graph)
     torch.testing.assert_close(on_load, eager, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["eager", "fused"])
+@pytest.mark.parametrize("data", ["gaussian", "outliers", "large", "constant", "one_element"])
+def test_statistics_of_a_repeated_tensor_come_from_one_copy(mode, data):
+    from qmambair.quant.fused import group_stats
+
+    x = tensors()[data]
+    x2 = x.reshape(x.shape[0] if x.dim() > 1 else 1, -1)
+    fused = mode == "fused"
+    for copies in (1, 4):
+        ref = group_stats(x2.repeat(1, copies), fused=fused)  # the oracle reads every copy
+        got = group_stats(x2, fused=fused, copies=copies)
+        for name, r, g in zip(("mean", "var", "min", "max"), ref, got, strict=True):
+            assert (r is None) == (g is None), name
+            assert r is None or torch.equal(r, g), f"{name} x{copies}: {r.flatten()[:3]} vs {g.flatten()[:3]}"
+    q = DLS(2, per_sample=True)
+    with torch.no_grad(), quant_kernels(mode):
+        ref = q.step_and_offset(x.repeat(1, *([4] + [1] * (x.dim() - 2))) if x.dim() > 1 else x.repeat(4), 1)
+        got = q.step_and_offset(x, 4)
+    assert all(torch.equal(r.flatten(), g.flatten()) for r, g in zip(ref, got, strict=True))
+
+
+def _quantized_scan_model(method: str = "qmambair", per_sample: bool = True) -> torch.nn.Module:
+    from qmambair.models.presets import build_model
+    from qmambair.quant import QuantConfig, quantize_model
+
+    torch.manual_seed(0)
+    model = build_model("light-sr-x4", embed_dim=12, depths=(1, 1), d_state=4)
+    model = quantize_model(model, QuantConfig(method=method, bits=2, dls_per_sample=per_sample)).train()
+    with torch.no_grad(), quant_kernels("eager"):
+        model(torch.rand(2, 3, 12, 12, generator=_gen(0)))  # initialises the quantizers
+    return model.eval()
+
+
+def test_inference_reads_u_statistics_from_one_scan_order(monkeypatch):
+    import qmambair.quant.fused as fused
+    from qmambair.quant.layers import QScan
+
+    model = _quantized_scan_model()
+    image = torch.rand(2, 3, 10, 14, generator=_gen(1))
+    read = []
+    real = fused._stats_np
+
+    def spy(x2, copies=1):
+        read.append((x2.numel(), copies))
+        return real(x2, copies)
+
+    monkeypatch.setattr(fused, "_stats_np", spy)
+    with torch.no_grad(), quant_kernels("fused"):
+        out = model(image)
+    scans = [m for m in model.modules() if isinstance(m, QScan)]
+    d_inner = next(m.d_inner for m in model.modules() if hasattr(m, "d_inner"))
+    u_numel = 2 * 4 * d_inner * 10 * 14  # batch, orders, channels, H·W
+    assert (u_numel // 4, 4) in read and (u_numel, 1) in read  # u: one order, read as 4; Δ: all of it
+    for scan in scans:
+        scan.u_orders = 1
+    with torch.no_grad(), quant_kernels("fused"):
+        assert torch.equal(model(image), out)
+
+
+def test_scan_parameter_inputs_are_quantized_once_in_eval_mode():
+    from qmambair.quant.layers import QScan
+
+    model = _quantized_scan_model()
+    scan = next(m for m in model.modules() if isinstance(m, QScan))
+    ss2d = next(m for m in model.modules() if getattr(m, "scan_op", None) is scan)
+    calls = {name: _counting(scan.quantizer(name)) for name in ("A", "D", "delta_bias", "B")}
+    image = torch.rand(1, 3, 8, 8, generator=_gen(2))
+    with torch.no_grad():
+        first = model(image)
+        assert torch.equal(model(image), first)
+        assert {k: len(v) for k, v in calls.items()} == {"A": 1, "D": 1, "delta_bias": 1, "B": 2}
+        ss2d.A_logs.add_(0.5)  # a new value: quantized again
+        model(image)
+        assert len(calls["A"]) == 2 and len(calls["D"]) == 1
+        scan.D_quant.v.add_(0.01)  # the quantizer changed
+        model(image)
+        assert len(calls["D"]) == 2
+    model.train().eval()  # train() drops them
+    with torch.no_grad():
+        model(image)
+    with torch.enable_grad():
+        model(image)  # a graph is wanted: quantized, not reused
+    assert len(calls["A"]) == 4 and len(calls["delta_bias"]) == 3

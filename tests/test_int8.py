@@ -127,9 +127,9 @@ def test_linear_dls_clip_correction_is_needed():
     with torch.no_grad():
         ref = layer(x)
         assert rel_err(int8_linear(layer, x), ref) <= REL
-        layer.act_quant.step_and_offset = lambda t: tuple(  # hide the clip bounds: no correction
+        layer.act_quant.step_and_offset = lambda t, copies=1: tuple(  # hide the clip bounds: no correction
             v if i < 2 else torch.full_like(v, math.inf * (1 if i == 3 else -1))
-            for i, v in enumerate(DLS.step_and_offset(layer.act_quant, t))
+            for i, v in enumerate(DLS.step_and_offset(layer.act_quant, t, copies))
         )
         assert rel_err(int8_linear(layer, x), ref) > 1e-4
 

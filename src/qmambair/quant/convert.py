@@ -200,7 +200,7 @@ def _ss2d_places(fqn: str, m: SS2D) -> list[_Place]:
 
     def scan(cfg: QuantConfig) -> nn.Module:
         quantizers = {name: make_act_quantizer(cfg, "dls", scan_specs[name]) for name in SCAN_INPUTS}
-        return QScan(quantizers).to(device)
+        return QScan(quantizers, u_orders=k).to(device)  # u: the K scan orders of one tensor
 
     return [
         _Place(m, "in_proj", f"{fqn}.in_proj", _qlinear(m.in_proj, "act")),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import Quantizer, grad_scale, lsq_grad_factor, round_ste, ste_clamp
-from .fused import DLSConsts, dls_quant, group_stats, use_fused
+from .fused import DLSConsts, dls_params, dls_quant, group_stats, use_fused
 
 MIN_DELTA = 1e-6  # the lower bound of the step (docs/method.md §3.3)
 VAR_FLOOR = 1e-12  # sqrt is not differentiable at 0: a constant tensor would give NaN gradients
@@ -81,33 +81,42 @@ class DLS(Quantizer):
         """Number of statistics groups: the batch size per sample, else 1."""
         return x.shape[0] if self.per_sample and x.dim() > 1 else 1
 
-    def _scalars(self, x: torch.Tensor) -> functools.partial:
-        """The map (mean, var, min, max, v, w) -> (Δ, β) for groups of ``x``."""
-        numel = x.numel() // self._groups(x)
+    def _scalars(self, numel: int) -> functools.partial:
+        """The map (mean, var, min, max, v, w) -> (Δ, β) for groups of ``numel`` elements."""
         return functools.partial(step_and_offset, bits=self.bits, qp=self.qp, numel=numel)
 
-    def step_and_offset(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(Δ, β, m, M) for ``x``, each broadcastable to x (per tensor, or per sample)."""
+    def step_and_offset(self, x: torch.Tensor, copies: int = 1) -> tuple[torch.Tensor, ...]:
+        """(Δ, β, m, M) for ``x``, each broadcastable to x (per tensor, or per sample). Without a graph to
+        record, on the fused path: the fused forward's scalars (same values, a fraction of the operations).
+
+        ``copies``: those of a tensor holding every sample of ``x`` that many times (e.g. the scan's u, four
+        orders of one tensor), computed from ``x`` alone."""
         groups = self._groups(x)
         x2 = x.reshape(groups, -1)
-        mean, var, lo, hi = group_stats(x2, fused=use_fused(x2))
-        delta, beta = self._scalars(x)(mean, var, lo, hi, self.v, self.w)
         shape = (groups,) + (1,) * (x.dim() - 1) if x.dim() else ()
+        graph = torch.is_grad_enabled() and (x.requires_grad or self.v.requires_grad or self.w.requires_grad)
+        if use_fused(x2) and not graph:
+            params = dls_params(x2, self.v, self.w, self._consts(x2.shape[1] * copies), copies)
+            return tuple(t.reshape(shape) for t in params)
+        mean, var, lo, hi = group_stats(x2, fused=use_fused(x2), copies=copies)
+        delta, beta = self._scalars(x2.shape[1] * copies)(mean, var, lo, hi, self.v, self.w)
         return tuple(t.reshape(shape) for t in (delta, beta, lo, hi))
+
+    def _consts(self, numel: int) -> DLSConsts:
+        """The fused kernels' constants for groups of ``numel`` elements."""
+        return DLSConsts(self.bits, self.qn, self.qp, lsq_grad_factor(numel, self.qp), VAR_FLOOR, MIN_DELTA)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(self._groups(x), -1)
         if use_fused(x2):
-            consts = DLSConsts(self.bits, self.qn, self.qp, lsq_grad_factor(x2.shape[1], self.qp), VAR_FLOOR,
-                               MIN_DELTA)
-            return dls_quant(x2, self.v, self.w, consts).reshape(x.shape)
+            return dls_quant(x2, self.v, self.w, self._consts(x2.shape[1])).reshape(x.shape)
         return self.quantize_eager(x)
 
     def quantize_eager(self, x: torch.Tensor) -> torch.Tensor:
         """The reference implementation (torch operations recorded by autograd), the fused path's oracle."""
         x2 = x.reshape(self._groups(x), -1)
         mean, var, lo, hi = group_stats(x2)
-        delta, beta = self._scalars(x)(mean, var, lo, hi, self.v, self.w)
+        delta, beta = self._scalars(x2.shape[1])(mean, var, lo, hi, self.v, self.w)
         out = delta * round_ste(torch.clamp((x2 + beta) / delta, self.qn, self.qp)) - beta
         return ste_clamp(out, lo, hi).reshape(x.shape)
 

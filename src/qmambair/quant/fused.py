@@ -175,7 +175,7 @@ def affine_quant(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | Non
 
 # ------------------------------------------------------------------------------------------------ DLS
 def group_stats(
-    x2: torch.Tensor, fused: bool = False
+    x2: torch.Tensor, fused: bool = False, copies: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(mean, unbiased variance or None for one-element groups, min, max) of each row, shape (G, 1).
 
@@ -183,23 +183,29 @@ def group_stats(
     differentiable: min and max via amin/amax, which share their gradient among ties) or by a numba pass for
     the sums plus torch's amin/amax (``fused=True``, no autograd). Both round the same float64 values, so they
     agree to the bit except when a value lies within float64 round-off of a float32 rounding boundary.
+    ``copies``: the statistics of rows holding each element that many times (only the unbiased variance
+    changes: n·c − 1 degrees of freedom), for a tensor made of repeats of ``x2`` without reading them.
     """
     groups, n = x2.shape
     if not fused:
-        if n > 1:
-            var, mean = torch.var_mean(x2.double(), dim=1, correction=1, keepdim=True)
+        if n * copies > 1:
+            var, mean = torch.var_mean(x2.double(), dim=1, correction=1 if copies == 1 else 0, keepdim=True)
+            if copies > 1:
+                var = var * (n * copies / (n * copies - 1))  # unbiased over the n·c elements
             var, mean = var.to(x2.dtype), mean.to(x2.dtype)
         else:
             var, mean = None, x2.mean(dim=1, keepdim=True)
         return mean, var, x2.amin(dim=1, keepdim=True), x2.amax(dim=1, keepdim=True)
-    stats = _stats_np(x2)
+    stats = _stats_np(x2, copies)
     mean, var, lo, hi = (None if a is None else torch.from_numpy(a).reshape(groups, 1) for a in stats)
     return mean, var, lo, hi
 
 
-def _stats_np(x2: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
-    """Float32 (G,) mean, variance (None for n = 1), min, max of each row: float64 sums in one numba pass,
-    min and max from torch."""
+def _stats_np(
+    x2: torch.Tensor, copies: int = 1
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Float32 (G,) mean, variance (None for one element), min, max of each row (repeated ``copies``
+    times): float64 sums in one numba pass, min and max from torch."""
     k = _kernels()
     groups, n = x2.shape
     per_group, total = k.chunk_layout(groups, n)
@@ -209,7 +215,8 @@ def _stats_np(x2: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, np.ndarr
     parts = partial.reshape(groups, per_group, 2)
     s1, s2 = parts[:, :, 0].sum(axis=1), parts[:, :, 1].sum(axis=1)
     mean = (xn[:, 0].astype(np.float64) + s1 / n).astype(F32)
-    var = np.maximum((s2 - s1 * s1 / n) / (n - 1), 0.0).astype(F32) if n > 1 else None
+    m = n * copies
+    var = np.maximum((s2 - s1 * s1 / n) * copies / (m - 1), 0.0).astype(F32) if m > 1 else None
     x2 = x2.detach()  # amin and amax separately: torch.aminmax(dim=1) is 7x slower on one long row
     return mean, var, x2.amin(dim=1).numpy().astype(F32), x2.amax(dim=1).numpy().astype(F32)
 
@@ -288,6 +295,17 @@ class _DLSQuant(torch.autograd.Function):
         _kernels().stats_backward(_np(x2), _np(grad_x), s["mean"], g_mean, g_var, s["lo"], g_lo.astype(F32),
                                   s["hi"], g_hi.astype(F32), n)
         return (grad_x, torch.from_numpy(g_v).to(v.dtype), torch.from_numpy(g_w).to(w.dtype), None)
+
+
+def dls_params(
+    x2: torch.Tensor, v: torch.Tensor, w: torch.Tensor, consts: DLSConsts, copies: int = 1
+) -> tuple[torch.Tensor, ...]:
+    """DLS's (Δ, β, min, max) per row of ``x2`` (G, n) repeated ``copies`` times, each of shape (G,),
+    without autograd: the values of the forward's scalars (those of ``dls.step_and_offset`` on the eager
+    statistics)."""
+    mean, var, lo, hi = _stats_np(x2.detach(), copies)
+    s = _dls_scalars(mean, var, lo, hi, _np(v), _np(w), consts)
+    return tuple(torch.from_numpy(np.asarray(s[k], dtype=F32)) for k in ("delta", "beta", "lo", "hi"))
 
 
 def dls_quant(x2: torch.Tensor, v: torch.Tensor, w: torch.Tensor, consts: DLSConsts) -> torch.Tensor:

@@ -89,9 +89,16 @@ class QScan(ScanOp):
 
     Submodules ``u_quant``, ``delta_quant``, ``A_quant``, ``B_quant``, ``C_quant``, ``D_quant``,
     ``delta_bias_quant``; the scan arithmetic and hidden state stay float (docs/method.md §4.3).
+
+    ``u_orders``: u (batch, orders·d, L) stacks that many scan orders of one tensor (SS2D's four), so any
+    statistic over a whole sample of u is that of its first order: inference reads only that quarter.
+    Without gradients, the quantized parameter inputs (A, D, delta_bias) are kept and reused while their
+    values and their quantizers' tensors are unchanged; ``train()`` drops them.
     """
 
-    def __init__(self, quantizers: dict[str, nn.Module | None] | None = None):
+    CONSTANT_INPUTS = ("A", "D", "delta_bias")  # model parameters, the same on every call
+
+    def __init__(self, quantizers: dict[str, nn.Module | None] | None = None, u_orders: int = 1):
         super().__init__()
         quantizers = quantizers or {}
         unknown = set(quantizers) - set(SCAN_INPUTS)
@@ -99,6 +106,8 @@ class QScan(ScanOp):
             raise ValueError(f"unknown scan inputs {sorted(unknown)}; expected names from {SCAN_INPUTS}")
         for name in SCAN_INPUTS:
             setattr(self, f"{name}_quant", _or_identity(quantizers.get(name)))
+        self.u_orders = int(u_orders)
+        self._constants: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     def quantizer(self, name: str) -> nn.Module:
         return getattr(self, f"{name}_quant")
@@ -107,9 +116,26 @@ class QScan(ScanOp):
         loads = self._load_quants(u, delta)
         on_load = () if loads is None else ("u", "delta")  # fake-quantized by the scan as it reads them
         inputs = zip(SCAN_INPUTS, (u, delta, A, B, C, D, delta_bias), strict=True)
-        q = [t if name in on_load else self.quantizer(name)(t) for name, t in inputs]
+        q = [t if name in on_load else self._quantize(name, t) for name, t in inputs]
         u_quant, delta_quant = loads or (None, None)
         return super().forward(*q, u_quant=u_quant, delta_quant=delta_quant)
+
+    def train(self, mode: bool = True) -> QScan:
+        self._constants = {}
+        return super().train(mode)
+
+    def _quantize(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``name``'s quantizer on ``t``; a parameter input is quantized once while nothing changes."""
+        q = self.quantizer(name)
+        if name not in self.CONSTANT_INPUTS or torch.is_grad_enabled() or self.training:
+            return q(t)
+        key = (tuple(t.shape), t.dtype, t.device, tuple(x._version for x in (*q.parameters(), *q.buffers())))
+        kept = self._constants.get(name)
+        if kept is not None and kept[0] == key and torch.equal(kept[1], t):
+            return kept[2]
+        out = q(t)
+        self._constants[name] = (key, t.clone(), out)
+        return out
 
     def _load_quants(self, u: torch.Tensor, delta: torch.Tensor) -> tuple[LoadQuant | None, ...] | None:
         """u's and delta's quantization as ``LoadQuant``s for the fused CPU scan, or None where the usual path
@@ -118,7 +144,7 @@ class QScan(ScanOp):
         if torch.is_grad_enabled() or not use_fused(u) or resolve_backend(None, u) != "cpu":
             return None
         loads = []
-        for name, x in (("u", u), ("delta", delta)):
+        for name, x, copies in (("u", *self._one_order(u)), ("delta", delta, 1)):
             q = self.quantizer(name)
             if not isinstance(q, Quantizer):
                 loads.append(None)  # kept float
@@ -126,10 +152,17 @@ class QScan(ScanOp):
             if not bool(q.initialized):
                 return None
             try:
-                step, offset, clip = affine_params(q, x)
+                step, offset, clip = affine_params(q, x, copies)
             except NotImplementedError:
                 return None
             lo, hi = clip if clip is not None else (torch.tensor(-math.inf), torch.tensor(math.inf))
             offset = torch.zeros(()) if offset is None else offset
             loads.append(LoadQuant(step, offset, lo, hi, q.qn, q.qp))
         return tuple(loads) if any(q is not None for q in loads) else None
+
+    def _one_order(self, u: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(the first scan order of u, the number of orders): u's per-sample statistics, a quarter read."""
+        b, channels, length = u.shape
+        if self.u_orders == 1 or channels % self.u_orders:
+            return u, 1
+        return u.reshape(b, self.u_orders, channels // self.u_orders * length)[:, 0], self.u_orders
