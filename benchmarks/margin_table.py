@@ -8,6 +8,10 @@ photo pool's test split (256-px centre crops, the crops of training validation).
 per set, the float model's gain over bicubic, the Q-MambaIR and LSQ PSNR, and the margin Q-MambaIR − LSQ
 with a 95 % interval over images (paired per image: it says how consistent the margin is across images, not
 how it varies with the training seed). ``--plot`` draws the margin against the float gain.
+``--across-seeds`` reads the points as seeds of one configuration (same float model and budget) and adds a
+second table: per set, each method's mean ± standard deviation over seeds (of the per-seed image means) and
+the paired difference Q-MambaIR − LSQ over seeds with its 95 % Student-t interval (seeds − 1 degrees of
+freedom), the interval that says how the margin varies with the training seed.
 
     python benchmarks/margin_table.py --scale 4 --threads 2 \\
         --point shipped=src/qmambair/weights/light-sr-x4-fp.safetensors,runs/qat-qm,runs/qat-lsq \\
@@ -76,11 +80,34 @@ def score(model_spec: str | Path, scale: int) -> dict[str, list[float]]:
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a − b and the half-width of its 95 % interval over images."""
+    """Mean of a − b and the half-width of its 95 % interval over the pairs (images, or seeds)."""
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     if len(diffs) < 2:
         return diffs[0], math.nan
     return statistics.fmean(diffs), t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def across_seeds(rows: list[dict]) -> list[dict]:
+    """Per set: mean ± std over the points (seeds) of each method's PSNR, and the paired difference with the
+    half-width of its 95 % interval over seeds (nan with one seed)."""
+    out = []
+    for name in dict.fromkeys(r["set"] for r in rows):
+        pts = [r for r in rows if r["set"] == name]
+        q, lsq = [r["qmambair"] for r in pts], [r["lsq"] for r in pts]
+        margin, ci = paired(q, lsq)
+        spread = (lambda v: statistics.stdev(v) if len(v) > 1 else math.nan)
+        out.append(dict(set=name, seeds=len(pts), qmambair=statistics.fmean(q), qmambair_sd=spread(q),
+                        lsq=statistics.fmean(lsq), lsq_sd=spread(lsq), margin=margin, ci=ci))
+    return out
+
+
+def seeds_table(summary: list[dict]) -> str:
+    lines = ["| set | seeds | Q-MambaIR W2A2 (mean ± std) | LSQ W2A2 (mean ± std) "
+             "| Q-MambaIR − LSQ, paired (95 % over seeds) |", "|---|---:|---:|---:|---:|"]
+    for r in summary:
+        lines.append(f"| {r['set']} | {r['seeds']} | {r['qmambair']:.3f} ± {r['qmambair_sd']:.3f} | "
+                     f"{r['lsq']:.3f} ± {r['lsq_sd']:.3f} | {r['margin']:+.3f} ± {r['ci']:.3f} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -129,6 +156,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, help="write the table (Markdown) here")
     p.add_argument("--plot", type=Path, help="write the margin plot (PNG) here")
+    p.add_argument("--across-seeds", action="store_true",
+                   help="the points are seeds of one configuration: add the table over seeds")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()
     points = [parse_point(text) for text in args.point]
@@ -152,6 +181,8 @@ def main() -> None:
                              gain=paired(f[name], bicubic[name])[0], qmambair=statistics.fmean(q[name]),
                              lsq=statistics.fmean(lsq[name]), margin=margin, ci=ci))
     text = table(rows)
+    if args.across_seeds:
+        text += "\n\nOver seeds (each seed's mean over the set's images):\n\n" + seeds_table(across_seeds(rows))
     sources = "; ".join(f"{pt.label}: {pt.float_model}, {pt.qmambair_run}, {pt.lsq_run}" for pt in points)
     report = (f"Light ×{args.scale}, W2A2. Sets: built-in images (192-px centre crops) and the photo pool's "
               f"test split (256-px centre crops); Y-channel PSNR (dB), border {args.scale}. "
