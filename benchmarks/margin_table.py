@@ -87,6 +87,10 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return statistics.fmean(diffs), t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
+def _stdev(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
 def across_seeds(rows: list[dict]) -> list[dict]:
     """Per set: mean ± std over the points (seeds) of each method's PSNR, and the paired difference with the
     half-width of its 95 % interval over seeds (nan with one seed)."""
@@ -95,9 +99,8 @@ def across_seeds(rows: list[dict]) -> list[dict]:
         pts = [r for r in rows if r["set"] == name]
         q, lsq = [r["qmambair"] for r in pts], [r["lsq"] for r in pts]
         margin, ci = paired(q, lsq)
-        spread = (lambda v: statistics.stdev(v) if len(v) > 1 else math.nan)
-        out.append(dict(set=name, seeds=len(pts), qmambair=statistics.fmean(q), qmambair_sd=spread(q),
-                        lsq=statistics.fmean(lsq), lsq_sd=spread(lsq), margin=margin, ci=ci))
+        out.append(dict(set=name, seeds=len(pts), qmambair=statistics.fmean(q), qmambair_sd=_stdev(q),
+                        lsq=statistics.fmean(lsq), lsq_sd=_stdev(lsq), margin=margin, ci=ci))
     return out
 
 
@@ -182,7 +185,8 @@ def main() -> None:
                              lsq=statistics.fmean(lsq[name]), margin=margin, ci=ci))
     text = table(rows)
     if args.across_seeds:
-        text += "\n\nOver seeds (each seed's mean over the set's images):\n\n" + seeds_table(across_seeds(rows))
+        summary = seeds_table(across_seeds(rows))
+        text += f"\n\nOver seeds (each seed's mean over the set's images):\n\n{summary}"
     sources = "; ".join(f"{pt.label}: {pt.float_model}, {pt.qmambair_run}, {pt.lsq_run}" for pt in points)
     report = (f"Light ×{args.scale}, W2A2. Sets: built-in images (192-px centre crops) and the photo pool's "
               f"test split (256-px centre crops); Y-channel PSNR (dB), border {args.scale}. "

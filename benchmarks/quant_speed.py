@@ -163,7 +163,10 @@ def table(title: str, times: dict[str, list[float]]) -> str:
 
 def profile(args: argparse.Namespace, which: str) -> None:
     train_cases, _ = build_cases(args)
-    label = next(k for k in train_cases if k.startswith(which))
+    label = next((k for k in train_cases if k.startswith(which)), None)
+    if label is None:
+        cases = ", ".join(train_cases)
+        raise SystemExit(f"quant_speed: error: --profile {which!r} names no case (the cases: {cases})")
     train_cases[label]()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         train_cases[label]()
