@@ -1,0 +1,56 @@
+"""The campaign's method table (``benchmarks/method_table.py``): rows, differences to float, arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def method_table():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("method_table", BENCHMARKS / "method_table.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("method_table", None)
+        sys.modules.pop("margin_table", None)
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_each_model_is_compared_with_the_float_model_image_by_image(method_table):
+    scores = {
+        "bicubic": {"@builtin": [28.0, 30.0, 29.0], "@pool": [38.0, 37.0]},
+        "float": {"@builtin": [29.0, 31.0, 30.5], "@pool": [39.0, 38.0]},
+        "W2A2": {"@builtin": [28.9, 30.8, 30.2], "@pool": [38.5, 37.9]},
+    }
+    rows = method_table.rows_for(scores, "float")
+    assert [r["label"] for r in rows] == ["bicubic", "float", "W2A2"]
+    w2 = rows[2]
+    assert w2["builtin"] == pytest.approx((28.9 + 30.8 + 30.2) / 3)
+    # differences -0.1, -0.2, -0.3: mean -0.2, std 0.1, t(0.975, 2) = 4.303
+    assert w2["builtin_diff"][0] == pytest.approx(-0.2)
+    assert w2["builtin_diff"][1] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert w2["pool_diff"][0] == pytest.approx(-0.3)
+    assert rows[1]["builtin_diff"] is None
+    text = method_table.table(rows)
+    assert "| float | 30.167 | — | 38.500 | — |" in text
+    # pool differences -0.5, -0.1: std 0.2828, t(0.975, 1) = 12.706, half-width 12.706 · 0.2828 / √2 = 2.541
+    assert "| W2A2 | 29.967 | -0.200 ± 0.248 | 38.200 | -0.300 ± 2.541 |" in text
+    assert "builtin (3 images)" in text and "pool (2 images)" in text
+
+
+def test_a_model_argument_without_a_label_or_file_is_one_clear_error(method_table, tmp_path):
+    with pytest.raises(SystemExit, match="LABEL=PATH"):
+        method_table.parse_model("runs/x")
+    with pytest.raises(SystemExit, match="does not exist"):
+        method_table.parse_model(f"x={tmp_path}")  # a folder without model.safetensors
