@@ -22,6 +22,7 @@ freedom), the interval that says how the margin varies with the training seed.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import sys
@@ -61,6 +62,7 @@ def parse_point(text: str) -> Point:
     return Point(label, *paths)
 
 
+@functools.cache  # points that share a float model (seeds) score it once
 def score(model_spec: str | Path, scale: int) -> dict[str, list[float]]:
     """Named set -> PSNR of each image (Y channel, border ``scale``), for a model file or "bicubic"."""
     from qmambair.eval.bicubic import BicubicUpsampler
