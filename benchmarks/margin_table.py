@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SETS = (("@builtin", 192), ("@pool", 256))  # (named set, centre crop in target pixels)
+SETS_TEXT = ("Sets: built-in images (192-px centre crops) and the photo pool's test split (256-px centre "
+             "crops); Y-channel PSNR (dB)")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
        12: 2.179, 15: 2.131, 16: 2.120, 20: 2.086, 25: 2.060, 30: 2.042}  # Student t, two-sided 95 %
 
@@ -41,6 +43,14 @@ class Point:
     float_model: Path
     qmambair_run: Path
     lsq_run: Path
+
+
+def write_report(report: str, out: Path | None) -> None:
+    """Print the report and, with ``out``, write it there (folders made as needed)."""
+    print(report)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
 
 
 def t95(dof: int) -> float:
@@ -190,15 +200,10 @@ def main() -> None:
         summary = seeds_table(across_seeds(rows))
         text += f"\n\nOver seeds (each seed's mean over the set's images):\n\n{summary}"
     sources = "; ".join(f"{pt.label}: {pt.float_model}, {pt.qmambair_run}, {pt.lsq_run}" for pt in points)
-    report = (f"Light ×{args.scale}, W2A2. Sets: built-in images (192-px centre crops) and the photo pool's "
-              f"test split (256-px centre crops); Y-channel PSNR (dB), border {args.scale}. "
-              f"Models: {sources}. "
-              f"Machine: {describe_machine()}; scored in "
-              f"{time.perf_counter() - start:.0f} s by `benchmarks/margin_table.py`.\n\n{text}\n")
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    report = (f"Light ×{args.scale}, W2A2. {SETS_TEXT}, border {args.scale}. Models: {sources}. Machine: "
+              f"{describe_machine()}; scored in {time.perf_counter() - start:.0f} s by "
+              f"`benchmarks/margin_table.py`.\n\n{text}\n")
+    write_report(report, args.out)
     if args.plot and plot(rows, args.plot, args.scale) is None:
         print("margin_table: matplotlib is not installed: no plot", file=sys.stderr)
 

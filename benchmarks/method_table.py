@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from margin_table import SETS, paired, score  # noqa: E402  (the sibling script: one scoring helper)
+from margin_table import SETS, SETS_TEXT, paired, score, write_report  # noqa: E402  (sibling script)
 
 
 def parse_model(text: str) -> tuple[str, Path]:
@@ -89,15 +89,11 @@ def main() -> None:
     for label, path in models:
         scores[label] = score(path, args.scale)
     sources = "; ".join(f"{label}: {path}" for label, path in [(float_label, args.float_model), *models])
-    report = (f"Light ×{args.scale}. Sets: built-in images (192-px centre crops) and the photo pool's test "
-              f"split (256-px centre crops); Y-channel PSNR (dB), border {args.scale}; the interval is over "
-              f"images (paired with the float model), not over training seeds. Models: {sources}. "
-              f"Machine: {describe_machine()}; scored in {time.perf_counter() - start:.0f} s by "
+    report = (f"Light ×{args.scale}. {SETS_TEXT}, border {args.scale}; the interval is over images (paired "
+              f"with the float model), not over training seeds. Models: {sources}. Machine: "
+              f"{describe_machine()}; scored in {time.perf_counter() - start:.0f} s by "
               f"`benchmarks/method_table.py`.\n\n{table(rows_for(scores, float_label))}\n")
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
