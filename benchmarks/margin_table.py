@@ -180,7 +180,7 @@ def main() -> None:
         if target is not None and target.exists() and not args.overwrite:
             raise SystemExit(f"margin_table: error: {target} exists; pass --overwrite to replace it")
 
-    from qmambair.experiments.report import describe_machine
+    from qmambair.train.machine import describe_machine
     from qmambair.train.trainer import set_threads
 
     set_threads(args.threads)

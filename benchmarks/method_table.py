@@ -79,7 +79,7 @@ def main() -> None:
     if args.out is not None and args.out.exists() and not args.overwrite:
         raise SystemExit(f"method_table: error: {args.out} exists; pass --overwrite to replace it")
 
-    from qmambair.experiments.report import describe_machine
+    from qmambair.train.machine import describe_machine
     from qmambair.train.trainer import set_threads
 
     set_threads(args.threads)

@@ -20,55 +20,25 @@ Q-MambaIR and LSQ are compared fairly. The test numbers are the trainer's valida
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qmambair.data.photos import PHOTOS, split_of
+from model_card import last_validation, photo_licences, read_log, render_card, run_config, run_times
 from qmambair.experiments.benchmark import ABLATION
-from qmambair.experiments.report import describe_machine
 from qmambair.loading import load_model
 from qmambair.quant.pack import export_packed
 from qmambair.train import make_config, train
+from qmambair.train.machine import describe_machine
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "qmambair" / "weights"
 QAT_RUNS = (("qmambair", 4), ("lsq", 4), ("qmambair", 2), ("lsq", 2))
-
-
-def run_times(log: Path) -> tuple[float, int]:
-    """Total wall seconds of all sessions of a run (resumes included) and its final step."""
-    seconds, step = 0.0, 0
-    for line in log.read_text().splitlines():
-        event = json.loads(line)
-        if event.get("event") == "end":
-            seconds += float(event.get("seconds", 0.0))
-            step = int(event.get("step", step))
-    return seconds, step
-
-
-def photo_licences(split: str = "train") -> str:
-    """The model-card row naming the licences of the photo pool's ``split`` (counted from ``PHOTOS``)."""
-    counts = Counter(p.licence for p in PHOTOS if split_of(p.name) == split)
-    listed = ", ".join(f"{licence} ({n})" for licence, n in counts.most_common())
-    return (f"| training photos | {sum(counts.values())} photographs of the pool's {split} split, from "
-            f"Debian packages, under their own licences (photos per licence): {listed}; each photo's "
-            "licence and author are in the fetched `manifest.json` (docs/evaluation.md §5.2) |")
-
-
-def last_validation(log: Path) -> dict[str, Any]:
-    events = [json.loads(line) for line in log.read_text().splitlines()]
-    vals = [e for e in events if e.get("event") == "val"]
-    if not vals:
-        raise RuntimeError(f"{log} has no validation event")
-    return vals[-1]
 
 
 def command_line() -> str:
@@ -83,51 +53,40 @@ def command_line() -> str:
 
 def write_card(name: str, weight_file: Path, runs: list[Path], cfg: dict[str, Any], extra: str = "") -> None:
     """Model card of the model trained by ``runs`` (stages, each starting from the previous one's weights)."""
-    val = last_validation(runs[-1] / "log.jsonl")
-    times = [run_times(run / "log.jsonl") for run in runs]
+    logs = [read_log(run / "log.jsonl") for run in runs]
+    val = last_validation(logs[-1])
+    times = [run_times(events) for events in logs]
     seconds, step = sum(t[0] for t in times), sum(t[1] for t in times)
     staged = ""
     if len(runs) > 1:
         staged = f" ({' + '.join(str(t[1]) for t in times)}: stages restarting the schedule)"
     quant = cfg.get("quant") or {}
     cpu = describe_machine(cfg.get("device")).split(",")[0]
-    first = torch.load(runs[0] / "last.pt", map_location="cpu", weights_only=False)["config"]
+    first = run_config(logs[0])
     init = Path(first["init"]) if first["init"] else None
     start = f"{init.parent.name}/{init.name}" if init else "random init"
     if first.get("interp_init"):
         start += ", set to start as bicubic-like upsampling (qmambair.models.init)"
     kind = f"{quant['method']} W{quant['bits']}A{quant['bits']} (QAT)" if quant else "full precision"
-    lines = [
-        f"# {name}",
-        "",
-        f"MambaIR {cfg['preset']} ({kind}), trained by `benchmarks/train_shipped.py` in this repository.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| file | `{weight_file.name}` ({weight_file.stat().st_size:,} bytes) |",
-        f"| data | built-in photo pool (`qmambair data fetch`), train split; HR patches {cfg['patch']} px, "
-        f"flips/rotations |",
-        photo_licences(),
-        f"| degradation | MATLAB bicubic ×{cfg['preset'].rsplit('x', 1)[-1]} |",
-        f"| budget | {step} iterations{staged}, batch {cfg['batch']}, Adam lr {cfg['lr']:g}, MultiStepLR at "
-        f"{'/'.join(f'{m:g}' for m in cfg['milestones'])} of the run, L1 |",
-        f"| starts from | {start} |",
-        f"| command | `{command_line()}` |",
-        f"| machine | {cpu}; {cfg['threads'] or 'default'} torch thread(s) per run (the x2 and x4 chains ran "
-        "side by side on 2 cores) |",
-        f"| wall time | {seconds / 60:.1f} min |",
-        f"| test PSNR / SSIM | {val['psnr']:.3f} dB / {val['ssim']:.4f} (bicubic {val['psnr_base']:.3f} dB / "
-        f"{val['ssim_base']:.4f}) on {val['n']} test-split photos, centre crops of {cfg['val_crop']} px, "
-        f"Y channel, border {cfg['preset'].rsplit('x', 1)[-1]} |",
+    rows = [
+        ("file", f"`{weight_file.name}` ({weight_file.stat().st_size:,} bytes)"),
+        ("data", f"built-in photo pool (`qmambair data fetch`), train split; HR patches {cfg['patch']} px, "
+                 "flips/rotations"),
+        ("", photo_licences()),
+        ("degradation", f"MATLAB bicubic ×{cfg['preset'].rsplit('x', 1)[-1]}"),
+        ("budget", f"{step} iterations{staged}, batch {cfg['batch']}, Adam lr {cfg['lr']:g}, MultiStepLR at "
+                   f"{'/'.join(f'{m:g}' for m in cfg['milestones'])} of the run, L1"),
+        ("starts from", start),
+        ("command", f"`{command_line()}`"),
+        ("machine", f"{cpu}; {cfg['threads'] or 'default'} torch thread(s) per run (the x2 and x4 chains ran "
+                    "side by side on 2 cores)"),
+        ("wall time", f"{seconds / 60:.1f} min"),
+        ("test PSNR / SSIM", f"{val['psnr']:.3f} dB / {val['ssim']:.4f} (bicubic {val['psnr_base']:.3f} dB / "
+                             f"{val['ssim_base']:.4f}) on {val['n']} test-split photos, centre crops of "
+                             f"{cfg['val_crop']} px, Y channel, border {cfg['preset'].rsplit('x', 1)[-1]}"),
     ]
-    if extra:
-        lines += ["", extra]
-    lines += [
-        "",
-        "CPU-scale training: these numbers are not comparable to published MambaIR / Q-MambaIR tables.",
-        "",
-    ]
-    weight_file.with_suffix(".md").write_text("\n".join(lines))
+    intro = f"MambaIR {cfg['preset']} ({kind}), trained by `benchmarks/train_shipped.py` in this repository."
+    weight_file.with_suffix(".md").write_text(render_card(name, intro, rows, extra))
 
 
 def sigma_run_name(scale: int, bits: int, sigma_init: float) -> str:
@@ -146,10 +105,10 @@ def ablation_table(runs: Path, scale: int, bits: int, sigma_init: float = 0.0) -
     rows.append(("LSQ (reference)", f"light-x{scale}-lsq-{tag}"))
     lines = [f"| ×{scale} W{bits}A{bits} | PSNR (dB) | SSIM | QAT wall time (min) |", "|---|---|---|---|"]
     for label, name in rows:
-        log = runs / name / "log.jsonl"
-        val = last_validation(log)
-        lines.append(f"| {label} | {val['psnr']:.3f} | {val['ssim']:.4f} | {run_times(log)[0] / 60:.1f} |")
-    base = last_validation(runs / rows[0][1] / "log.jsonl")
+        events = read_log(runs / name / "log.jsonl")
+        val = last_validation(events)
+        lines.append(f"| {label} | {val['psnr']:.3f} | {val['ssim']:.4f} | {run_times(events)[0] / 60:.1f} |")
+    base = last_validation(read_log(runs / rows[0][1] / "log.jsonl"))
     lines.append(f"| bicubic | {base['psnr_base']:.3f} | {base['ssim_base']:.4f} | |")
     return "\n".join(lines) + "\n"
 
@@ -157,7 +116,7 @@ def ablation_table(runs: Path, scale: int, bits: int, sigma_init: float = 0.0) -
 def run(out: Path, **options: Any) -> dict[str, Any]:
     """Train (or resume, or skip when finished) one run; returns its stored config."""
     config = make_config(None, [], out=str(out), **options)
-    finished = (out / "log.jsonl").exists() and run_times(out / "log.jsonl")[1] >= config.iters
+    finished = (out / "log.jsonl").exists() and run_times(read_log(out / "log.jsonl"))[1] >= config.iters
     if not finished:
         resume = (out / "last.pt").exists()
         print(

@@ -32,7 +32,8 @@ import torch
 from ..data.datasets import Degradation, EvalImages, find_pairs, load_samples, min_eval_size
 from ..fileio import atomic_path
 from ..quant.convert import METHODS, PTQ_METHODS, SUPPORTED_BITS, QuantConfig
-from .report import Column, describe_machine, markdown_table, plot_metric_vs_bits, write_csv
+from ..train.machine import describe_machine
+from .report import Column, markdown_table, plot_metric_vs_bits, write_csv
 
 __all__ = ["BenchmarkSpec", "DEFAULT_METHODS", "run_benchmark"]
 

@@ -28,8 +28,9 @@ from ..data.io import write_image
 from ..eval.metrics import psnr, ssim
 from ..loading import load_model
 from ..models.shipped import list_shipped, shipped_path
+from ..train.machine import describe_machine
 from ..train.validate import baseline_output, metric_settings
-from .report import Column, describe_machine, html_table, markdown_table, plot_metric_vs_bits, write_csv
+from .report import Column, html_table, markdown_table, plot_metric_vs_bits, write_csv
 from .visual import side_by_side
 
 __all__ = ["DEMO_IMAGES", "DemoModel", "demo_models", "run_demo"]

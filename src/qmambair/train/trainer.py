@@ -55,6 +55,7 @@ from .checkpoint import (
     training_checkpoint,
 )
 from .config import RUNTIME_KEYS, TrainConfig
+from .machine import describe_machine
 from .validate import evaluate
 
 __all__ = ["Trainer", "TrainingDiverged", "restoration_loss", "set_threads", "train"]
@@ -274,7 +275,7 @@ class Trainer:
             warnings.warn(f"checkpoint was written by {len(states)} process(es), this run has "
                           f"{self.info.world}: random streams restart, the continuation is not bit-exact",
                           stacklevel=3)
-        self.log.write("resume", step=self.step)
+        self.log.write("resume", step=self.step, machine=describe_machine(str(self.info.device)))
 
     # -------------------------------------------------------------------------------------- actions
 
@@ -329,6 +330,7 @@ class Trainer:
         batches = iter(loader)
         if self.step == 0:
             self.log.write("start", config=cfg.to_dict(), world=info.world, device=str(info.device),
+                           machine=describe_machine(str(info.device)),
                            train_images=len(self.train_set), val_images=len(self.val_set or []),
                            degradation=str(self.deg), local_batch=local)
         if cfg.quant and self.step == 0:
