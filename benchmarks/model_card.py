@@ -77,7 +77,7 @@ def photo_licences(split: str = "train") -> str:
 
 def budget_text(cfg: dict[str, Any], step: int) -> str:
     """One stage's training budget from its configuration."""
-    seed = f", seed {cfg['seed']}" if cfg.get("seed") else ""
+    seed = f", seed {cfg['seed']}" if "seed" in cfg else ""
     return (f"{step:,} iterations, batch {cfg['batch']}, HR patches {cfg['patch']} px, "
             f"Adam lr {cfg['lr']:g}, MultiStepLR at {'/'.join(f'{m:g}' for m in cfg['milestones'])} of the "
             f"run, L1{seed}")

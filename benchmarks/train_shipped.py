@@ -30,7 +30,15 @@ from typing import Any
 
 import torch
 
-from model_card import last_validation, photo_licences, read_log, render_card, run_config, run_times
+from model_card import (
+    last_validation,
+    photo_licences,
+    read_log,
+    render_card,
+    run_config,
+    run_times,
+    test_text,
+)
 from qmambair.experiments.benchmark import ABLATION
 from qmambair.loading import load_model
 from qmambair.quant.pack import export_packed
@@ -81,9 +89,7 @@ def write_card(name: str, weight_file: Path, runs: list[Path], cfg: dict[str, An
         ("machine", f"{cpu}; {cfg['threads'] or 'default'} torch thread(s) per run (the x2 and x4 chains ran "
                     "side by side on 2 cores)"),
         ("wall time", f"{seconds / 60:.1f} min"),
-        ("test PSNR / SSIM", f"{val['psnr']:.3f} dB / {val['ssim']:.4f} (bicubic {val['psnr_base']:.3f} dB / "
-                             f"{val['ssim_base']:.4f}) on {val['n']} test-split photos, centre crops of "
-                             f"{cfg['val_crop']} px, Y channel, border {cfg['preset'].rsplit('x', 1)[-1]}"),
+        ("test PSNR / SSIM", test_text(val, cfg)),
     ]
     intro = f"MambaIR {cfg['preset']} ({kind}), trained by `benchmarks/train_shipped.py` in this repository."
     weight_file.with_suffix(".md").write_text(render_card(name, intro, rows, extra))

@@ -414,3 +414,26 @@ def test_scan_parameter_inputs_are_quantized_once_in_eval_mode():
     with torch.enable_grad():
         model(image)  # a graph is wanted: quantized, not reused
     assert len(calls["A"]) == 4 and len(calls["delta_bias"]) == 3
+
+
+def test_dls_sigma_is_the_correctly_rounded_square_root_on_both_paths():
+    """σ enters DLS's offset and step; both paths must give the correctly rounded float32 square root on every
+    CPU (torch's own float32 sqrt is 1 ulp off for many inputs on AVX2 machines). Oracle: Python's float64
+    math.sqrt rounded to float32 (double rounding is innocuous for a square root)."""
+    import math
+
+    import numpy as np
+
+    from qmambair.quant.dls import step_and_offset
+    from qmambair.quant.fused import DLSConsts, _dls_scalars
+
+    var = torch.from_numpy(np.random.default_rng(0).uniform(0.01, 100.0, 4000).astype(np.float32))
+    want = torch.tensor([np.float32(math.sqrt(float(v))) for v in var])
+    zero, one = torch.zeros_like(var), torch.ones_like(var)
+    v = torch.tensor([0.0, 1.0, 0.0, 0.0])  # β = σ exactly
+    _, beta = step_and_offset(zero, var, -one, one, v, torch.full((4,), 0.1), bits=4, qp=7.0, numel=100)
+    assert torch.equal(beta, want)
+    consts = DLSConsts(bits=4, qn=-8.0, qp=7.0, gscale=0.1, var_floor=1e-12, min_delta=1e-6)
+    fused = _dls_scalars(zero.numpy(), var.numpy(), -one.numpy(), one.numpy(), v.numpy(),
+                         np.full(4, 0.1, np.float32), consts)
+    assert torch.equal(torch.from_numpy(fused["beta"]), want)

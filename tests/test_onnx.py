@@ -31,9 +31,13 @@ from qmambair.quant.pack import export_packed
 pytest.importorskip("onnxruntime")
 
 SMALL = dict(embed_dim=24, depths=[2, 2], d_state=4)  # light-sr-x4 architecture, fewer and narrower blocks
-# On this model and tile no value sits within float rounding of a rounding threshold, so even the fake-quant
-# graphs match PyTorch to float rounding (measured ~3e-7 of the output range); a wrong graph is far above.
+# Float graphs match PyTorch to float rounding (measured ~3e-7 of the output range). In a fake-quant graph a
+# value within float rounding of a rounding threshold can take the other code, and the change propagates:
+# on an Intel Xeon (AVX-512) no value of this model and tile did, on an AMD EPYC (torch's AVX2 kernels) one
+# 2-bit code flipped and 8 % of the output moved (47 dB). So a quantized graph must keep most of its output
+# at float rounding (a wrong graph moves nearly all of it) and pass the export check's PSNR bar.
 STRICT_REL = 1e-5
+MAX_FLIPPED = 0.2  # share of outputs a quantized graph may move beyond float rounding by code flips
 
 
 def real_tile(size: int = 32) -> torch.Tensor:
@@ -81,9 +85,13 @@ def test_onnx_matches_pytorch_on_real_tile(tmp_path, config):
     path = export_onnx(model, tmp_path / "model.onnx", tile=tuple(x.shape[-2:]))
     ref, out = reference(model, x), run_onnx(path, x)
     assert ref.shape == (1, 3, 128, 128) and ref.std() > 0.05  # a real picture, not a constant
-    assert max_rel(ref, out) <= STRICT_REL
     parity = onnx_parity(model, path, x)
-    assert parity["max_rel"] <= STRICT_REL and parity["psnr"] > 100, parity
+    if config is None:
+        assert max_rel(ref, out) <= STRICT_REL
+        assert parity["max_rel"] <= STRICT_REL and parity["psnr"] > 100, parity
+    else:
+        moved = np.abs(ref.astype(np.float64) - out) > STRICT_REL * np.abs(ref).max()
+        assert moved.mean() <= MAX_FLIPPED, f"{moved.mean():.1%} of the output differs"
     assert parity_failure(parity, quantized=config is not None) is None
 
 

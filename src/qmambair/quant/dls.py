@@ -31,7 +31,12 @@ def step_and_offset(
     β is constant over each group, so the statistics of x̃ = x + β follow from those of x exactly (mean+β, σ,
     min+β, max+β) with the same gradients: no second pass over the tensor.
     """
-    sigma = var.clamp_min(VAR_FLOOR).sqrt() if var is not None else torch.zeros_like(mean)
+    # the square root in float64, rounded once to float32: torch's float32 sqrt is not correctly rounded
+    # on every CPU (its AVX2 kernels: 1 ulp off for ~17 % of inputs), float64's rounded to float32 is
+    if var is None:
+        sigma = torch.zeros_like(mean)
+    else:
+        sigma = var.clamp_min(VAR_FLOOR).double().sqrt().to(var.dtype)
     beta = v[0] * mean + v[1] * sigma + v[2] * lo + v[3] * hi
     t_mu, t_lo, t_hi = mean + beta, lo + beta, hi + beta
     delta_raw = (w[0] * t_mu.abs() + w[1] * sigma + w[2] * t_lo + w[3] * t_hi).abs()
@@ -58,6 +63,8 @@ class DLS(Quantizer):
     - constant tensor (M = m): the cap (M − m)/2^b would be 0 and x̃/Δ divide by zero. The cap is floored at
       1e−12 (x̂ then equals the clip bound m = M = x exactly) and σ is computed as sqrt(max(var, 1e−12)) so
       neither the value nor the gradient of std at zero variance is NaN; a one-element group has σ = 0.
+      The square root is taken in float64 and rounded to float32 (the correctly rounded float32 value on
+      every CPU; torch's float32 sqrt is not correctly rounded on all of them).
     ``per_sample=True`` computes every statistic per sample (over all dims but the first), so one image's
     quantization does not depend on the other images of the batch; the default is per tensor (paper).
 

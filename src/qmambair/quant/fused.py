@@ -235,7 +235,10 @@ class DLSConsts(NamedTuple):
 def _dls_scalars(mean, var, lo, hi, v, w, c: DLSConsts) -> dict[str, np.ndarray]:
     """DLS's step and offset per group (float32, in the eager expression's operation order), with the
     intermediate values the backward needs."""
-    sigma = np.sqrt(np.maximum(var, F32(c.var_floor))) if var is not None else np.zeros_like(mean)
+    if var is None:
+        sigma = np.zeros_like(mean)
+    else:  # in float64, rounded to float32, as dls.step_and_offset
+        sigma = np.sqrt(np.maximum(var, F32(c.var_floor)).astype(np.float64)).astype(F32)
     beta = v[0] * mean + v[1] * sigma + v[2] * lo + v[3] * hi
     t_mu, t_lo, t_hi = mean + beta, lo + beta, hi + beta
     pre = w[0] * np.abs(t_mu) + w[1] * sigma + w[2] * t_lo + w[3] * t_hi
