@@ -24,18 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model_card import (
-    budget_text,
-    data_text,
-    last_validation,
-    machines,
-    photo_licences,
-    read_log,
-    render_card,
-    run_config,
-    run_times,
-    test_text,
-)
+import model_card as card
 from qmambair.fileio import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +48,10 @@ def git(*args: str) -> str:
         return ""
 
 
-def card_rows(card: str) -> dict[str, str]:
+def card_rows(text: str) -> dict[str, str]:
     """The ``| key | value |`` rows of a Markdown model card."""
     rows = {}
-    for line in card.splitlines():
+    for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("|") and len(cells) >= 2 and cells[0] and not set(cells[0]) <= {"-"}:
             rows[cells[0]] = "|".join(cells[1:])
@@ -87,17 +76,17 @@ def earlier_model(init: str, before: float) -> str:
 
 def weights_step(path: Path, events: list[dict[str, Any]]) -> int:
     match = re.fullmatch(r"best-step(\d+)\.safetensors", path.name)
-    return int(match.group(1)) if match else run_times(events)[1]
+    return int(match.group(1)) if match else card.run_times(events)[1]
 
 
 def validation_at(events: list[dict[str, Any]], step: int) -> dict[str, Any]:
     vals = [e for e in events if e.get("event") == "val" and e.get("step") == step]
-    return vals[-1] if vals else last_validation(events)
+    return vals[-1] if vals else card.last_validation(events)
 
 
 def machine_text(events: list[dict[str, Any]], cfg: dict[str, Any], note: str) -> str:
     """The machines the run's log records, else ``note`` (what the campaign's notes say), and its threads."""
-    seen = machines(events)
+    seen = card.machines(events)
     where = ", ".join(seen) if seen else note or "not recorded in the run's log"
     threads = cfg.get("threads") or "default"
     return f"{where}; {threads} torch thread(s) per run"
@@ -118,55 +107,55 @@ def command_text(run: Path) -> str:
 
 
 def ship_float(source: Path, dest: Path, preset: str, note: str) -> None:
-    events = read_log(source.parent / "log.jsonl")
-    cfg = run_config(events)
+    events = card.read_log(source.parent / "log.jsonl")
+    cfg = card.run_config(events)
     step = weights_step(source, events)
-    seconds, last = run_times(events)
+    seconds, last = card.run_times(events)
     best = " (the best validation of the run)" if source.name.startswith("best-") else ""
     rows = [
         ("file", f"`{dest.name}` ({source.stat().st_size:,} bytes)"),
-        ("data", data_text(cfg)),
-        ("", photo_licences()),
+        ("data", card.data_text(cfg)),
+        ("", card.photo_licences()),
         ("degradation", f"MATLAB bicubic ×{preset.rsplit('x', 1)[-1]}"),
-        ("budget", f"{budget_text(cfg, last)}; the weights of step {step:,}{best}"),
+        ("budget", f"{card.budget_text(cfg, last)}; the weights of step {step:,}{best}"),
         ("starts from", earlier_model(cfg.get("init", ""), events[0]["time"])),
         ("command", command_text(source.parent)),
         ("machine", machine_text(events, cfg, note)),
         ("wall time", f"{seconds / 60:.1f} min (this stage)"),
-        ("test PSNR / SSIM", test_text(validation_at(events, step), cfg)),
+        ("test PSNR / SSIM", card.test_text(validation_at(events, step), cfg)),
     ]
     intro = f"MambaIR {preset} (full precision), the ×{preset[-1]} float model of the training campaign."
     with atomic_path(dest) as tmp:
         tmp.write_bytes(source.read_bytes())
-    write_text(dest.with_suffix(".md"), render_card(dest.stem, intro, rows))
+    write_text(dest.with_suffix(".md"), card.render_card(dest.stem, intro, rows))
 
 
 def ship_qat(run: Path, dest: Path, float_dest: Path, note: str) -> None:
     from qmambair.loading import load_model
     from qmambair.quant.pack import export_packed
 
-    events = read_log(run / "log.jsonl")
-    cfg = run_config(events)
-    seconds, step = run_times(events)
+    events = card.read_log(run / "log.jsonl")
+    cfg = card.run_config(events)
+    seconds, step = card.run_times(events)
     quant = cfg["quant"]
     export_packed(load_model(run / "model.safetensors").eval(), dest)
     ratio = dest.stat().st_size / float_dest.stat().st_size
     rows = [
         ("file", f"`{dest.name}` ({dest.stat().st_size:,} bytes)"),
-        ("data", data_text(cfg)),
-        ("", photo_licences()),
+        ("data", card.data_text(cfg)),
+        ("", card.photo_licences()),
         ("degradation", f"MATLAB bicubic ×{cfg['preset'].rsplit('x', 1)[-1]}"),
-        ("budget", budget_text(cfg, step)),
+        ("budget", card.budget_text(cfg, step)),
         ("starts from", f"`{float_dest.name}` (the float model shipped with it)"),
         ("command", command_text(run)),
         ("machine", machine_text(events, cfg, note)),
         ("wall time", f"{seconds / 60:.1f} min"),
-        ("test PSNR / SSIM", test_text(last_validation(events), cfg)),
+        ("test PSNR / SSIM", card.test_text(card.last_validation(events), cfg)),
     ]
     intro = (f"MambaIR {cfg['preset']} ({quant['method']} W{quant['bits']}A{quant['bits']}, QAT), from the "
              "training campaign.")
     extra = f"Packed: {quant['bits']}-bit weight codes; {ratio:.3f}× the float32 file."
-    write_text(dest.with_suffix(".md"), render_card(dest.stem, intro, rows, extra))
+    write_text(dest.with_suffix(".md"), card.render_card(dest.stem, intro, rows, extra))
 
 
 def qat_name(run: Path, scale: int, float_model: Path) -> str:
@@ -174,7 +163,7 @@ def qat_name(run: Path, scale: int, float_model: Path) -> str:
     log, model = run / "log.jsonl", run / "model.safetensors"
     if not (log.is_file() and model.is_file()):
         fail(f"{run} is not a finished run (it needs log.jsonl and model.safetensors)")
-    cfg = run_config(read_log(log))
+    cfg = card.run_config(card.read_log(log))
     quant = cfg.get("quant") or {}
     if cfg["preset"] != f"light-sr-x{scale}" or quant.get("method") not in ("qmambair", "lsq"):
         fail(f"{run}: a {cfg['preset']} {quant.get('method', 'float')} run, not light-sr-x{scale} "
@@ -207,7 +196,7 @@ def main() -> None:
     if not (args.float_model.is_file() and (args.float_model.parent / "log.jsonl").is_file()):
         fail(f"{args.float_model} is not a float model file with its run's log.jsonl beside it")
     preset = f"light-sr-x{args.scale}"
-    if run_config(read_log(args.float_model.parent / "log.jsonl"))["preset"] != preset:
+    if card.run_config(card.read_log(args.float_model.parent / "log.jsonl"))["preset"] != preset:
         fail(f"{args.float_model} is not a {preset} model")
     float_dest = args.dest / f"{preset}-fp.safetensors"
     targets = {run: args.dest / f"{qat_name(run, args.scale, args.float_model)}.qmb" for run in args.qat}
