@@ -67,12 +67,12 @@ def machines(events: list[dict[str, Any]]) -> list[str]:
 
 
 def photo_licences(split: str = "train") -> str:
-    """The model-card row naming the licences of the photo pool's ``split`` (counted from ``PHOTOS``)."""
+    """The licences of the pool's ``split`` (counted from ``PHOTOS``), for a card's training-photos row."""
     counts = Counter(p.licence for p in PHOTOS if split_of(p.name) == split)
     listed = ", ".join(f"{licence} ({n})" for licence, n in counts.most_common())
-    return (f"| training photos | {sum(counts.values())} photographs of the pool's {split} split, from "
-            f"Debian packages, under their own licences (photos per licence): {listed}; each photo's "
-            "licence and author are in the fetched `manifest.json` (docs/evaluation.md §5.2) |")
+    return (f"{sum(counts.values())} photographs of the pool's {split} split, from Debian packages, under "
+            f"their own licences (photos per licence): {listed}; each photo's licence and author are in the "
+            "fetched `manifest.json` (docs/evaluation.md §5.2)")
 
 
 def budget_text(cfg: dict[str, Any], step: int) -> str:
@@ -99,7 +99,7 @@ def test_text(val: dict[str, Any], cfg: dict[str, Any]) -> str:
 def render_card(name: str, intro: str, rows: list[tuple[str, str]], extra: str = "") -> str:
     """The Markdown card: a title, one sentence, a two-column table of facts, notes, the CPU-scale footer."""
     lines = [f"# {name}", "", intro, "", "| | |", "|---|---|"]
-    lines += [f"| {key} | {value} |" if key else value for key, value in rows]
+    lines += [f"| {key} | {value} |" for key, value in rows]
     if extra:
         lines += ["", extra]
     return "\n".join([*lines, "", FOOTER, ""])

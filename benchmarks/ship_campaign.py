@@ -115,7 +115,7 @@ def ship_float(source: Path, dest: Path, preset: str, note: str) -> None:
     rows = [
         ("file", f"`{dest.name}` ({source.stat().st_size:,} bytes)"),
         ("data", card.data_text(cfg)),
-        ("", card.photo_licences()),
+        ("training photos", card.photo_licences()),
         ("degradation", f"MATLAB bicubic ×{preset.rsplit('x', 1)[-1]}"),
         ("budget", f"{card.budget_text(cfg, last)}; the weights of step {step:,}{best}"),
         ("starts from", earlier_model(cfg.get("init", ""), events[0]["time"])),
@@ -143,7 +143,7 @@ def ship_qat(run: Path, dest: Path, float_dest: Path, note: str) -> None:
     rows = [
         ("file", f"`{dest.name}` ({dest.stat().st_size:,} bytes)"),
         ("data", card.data_text(cfg)),
-        ("", card.photo_licences()),
+        ("training photos", card.photo_licences()),
         ("degradation", f"MATLAB bicubic ×{cfg['preset'].rsplit('x', 1)[-1]}"),
         ("budget", card.budget_text(cfg, step)),
         ("starts from", f"`{float_dest.name}` (the float model shipped with it)"),

@@ -80,7 +80,7 @@ def write_card(name: str, weight_file: Path, runs: list[Path], cfg: dict[str, An
         ("file", f"`{weight_file.name}` ({weight_file.stat().st_size:,} bytes)"),
         ("data", f"built-in photo pool (`qmambair data fetch`), train split; HR patches {cfg['patch']} px, "
                  "flips/rotations"),
-        ("", photo_licences()),
+        ("training photos", photo_licences()),
         ("degradation", f"MATLAB bicubic ×{cfg['preset'].rsplit('x', 1)[-1]}"),
         ("budget", f"{step} iterations{staged}, batch {cfg['batch']}, Adam lr {cfg['lr']:g}, MultiStepLR at "
                    f"{'/'.join(f'{m:g}' for m in cfg['milestones'])} of the run, L1"),
