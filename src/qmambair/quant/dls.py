@@ -32,7 +32,7 @@ def step_and_offset(
     min+β, max+β) with the same gradients: no second pass over the tensor.
     """
     # the square root in float64, rounded once to float32: torch's float32 sqrt is not correctly rounded
-    # on every CPU (its AVX2 kernels: 1 ulp off for ~17 % of inputs), float64's rounded to float32 is
+    # on every CPU (its AVX2 kernels are 1 ulp off for many inputs), float64's rounded to float32 is
     if var is None:
         sigma = torch.zeros_like(mean)
     else:
