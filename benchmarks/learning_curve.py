@@ -21,6 +21,8 @@ import statistics
 import sys
 from pathlib import Path
 
+REACH = 100  # extrapolations beyond this many times the steps so far are reported as out of reach
+
 
 def read_log(run: Path) -> tuple[list[dict], list[float]]:
     """(validation events, seconds per step of each logged training window)."""
@@ -78,8 +80,12 @@ def report(run: Path, target: float, init_psnr: float | None, at: list[int] | No
         if b <= 0:
             lines.append(f"The gain did not grow over this window, so no extrapolation to +{target:.2f} dB; "
                          "a window this short may only show the restart of the learning-rate schedule.")
+        elif (exponent := (target - a) / b) > math.log10(REACH * points[-1][0]):
+            lines.append(f"At this slope ({b:+.3f} dB per tenfold steps) the fit does not reach "
+                         f"+{target:.2f} dB within {REACH}× the steps so far ({points[-1][0]:,}); a short or "
+                         "dipping window may not show the stage's real slope.")
         else:
-            step = 10 ** ((target - a) / b)
+            step = 10**exponent
             hours = step * statistics.median(rates) / 3600 if rates else float("nan")
             lines.append(f"Extrapolated: +{target:.2f} dB at step ≈ {step:,.0f} (≈ {hours:,.1f} h at the "
                          "median step time; an extrapolation of a log fit, not a measurement).")
