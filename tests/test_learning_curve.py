@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import learning_curve  # noqa: E402
+# the script imports nothing from benchmarks/, so it loads without touching sys.path or sys.modules
+_SPEC = importlib.util.spec_from_file_location(
+    "learning_curve", Path(__file__).resolve().parents[1] / "benchmarks" / "learning_curve.py")
+learning_curve = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(learning_curve)
 
 
 def _run(tmp_path: Path, gains: dict[int, float], seconds_per_step: float = 2.0) -> Path:
