@@ -16,9 +16,13 @@ flush subnormal numbers to zero otherwise, ``qmambair.scan.cpu``), so what that 
 side.
 ``--pair`` starts two copies of the training comparison side by side, one thread each (the case of two
 trainings sharing a 2-core machine), and prints both tables.
+``--runs K`` repeats the whole comparison in K fresh processes, one after the other, and prints for each case
+the median over the runs of its ratio to float with the lowest and highest run: on a small shared machine
+the ratio moves more between processes than between the repeats of one process.
 
     python benchmarks/quant_speed.py --threads 2 --repeats 5
     python benchmarks/quant_speed.py --threads 1 --pair
+    python benchmarks/quant_speed.py --threads 2 --repeats 5 --runs 5     # the spread between processes
     python benchmarks/quant_speed.py --threads 2 --no-train --repeats 9 --load-quant-ab   # inference only
     python benchmarks/quant_speed.py --threads 1 --no-infer --packed "" --denormals-ab
     python benchmarks/quant_speed.py --profile qmambair     # top operators of one Q-MambaIR training step
@@ -28,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -161,6 +167,38 @@ def table(title: str, times: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def runs_table(title: str, runs: list[dict[str, list[float]]]) -> str:
+    """Each case's ratio to float over several runs (each: case -> its times): median, lowest, highest."""
+    ratios: dict[str, list[float]] = {}
+    times: dict[str, list[float]] = {}
+    for run in runs:
+        base = statistics.median(run["float"])
+        for name, ts in run.items():
+            ratios.setdefault(name, []).append(statistics.median(ts) / base)
+            times.setdefault(name, []).append(statistics.median(ts))
+    lines = [f"| {title} | median ms | × float, median of {len(runs)} runs | lowest run | highest run |",
+             "|---|---:|---:|---:|---:|"]
+    for name, rs in ratios.items():
+        lines.append(f"| {name} | {_median_ms(times[name]):,.1f} | {statistics.median(rs):.2f} | "
+                     f"{min(rs):.2f} | {max(rs):.2f} |")
+    return "\n".join(lines)
+
+
+def run_processes(argv: list[str], runs: int) -> None:
+    """The comparison in ``runs`` fresh processes in turn; one table per kind with the spread over runs."""
+    results: list[dict[str, dict[str, list[float]]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(runs):
+            out = Path(tmp) / f"run{i}.json"
+            child = [sys.executable, __file__, *argv, "--runs", "1", "--json", str(out)]  # last ones win
+            subprocess.run(child, check=True, stdout=subprocess.DEVNULL)
+            results.append(json.loads(out.read_text()))
+            print(f"run {i + 1} of {runs} done", file=sys.stderr)
+    print(f"{runs} processes, one after the other; argv: {' '.join(argv)}\n")
+    for kind in results[0]:
+        print(runs_table(kind, [r[kind] for r in results]) + "\n")
+
+
 def profile(args: argparse.Namespace, which: str) -> None:
     train_cases, _ = build_cases(args)
     label = next((k for k in train_cases if k.startswith(which)), None)
@@ -194,7 +232,16 @@ def main() -> None:
                    help="also time every case with IEEE subnormal arithmetic in the scan")
     p.add_argument("--pair", action="store_true", help="two copies side by side, one thread each")
     p.add_argument("--profile", default="", help="profile one training step of this case instead")
+    p.add_argument("--runs", type=int, default=1, help="repeat the comparison in this many fresh processes")
+    p.add_argument("--json", default="", help=argparse.SUPPRESS)  # a --runs child writes its times here
     args = p.parse_args()
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    if args.runs > 1:
+        if args.pair or args.profile:
+            p.error("--runs does not combine with --pair or --profile")
+        run_processes(sys.argv[1:], args.runs)
+        return
 
     if args.pair:
         cmd = [sys.executable, __file__, "--threads", "1", "--no-infer", "--packed", "",
@@ -217,11 +264,16 @@ def main() -> None:
     machine = f"{args.threads} thread(s), torch {torch.__version__}"
     print(f"light ×{args.scale}, W{args.bits}A{args.bits}, batch {args.batch}, "
           f"LR {args.lr_size}×{args.lr_size}; {args.repeats} repeats, interleaved; {machine}\n")
+    results: dict[str, dict[str, list[float]]] = {}
     if not args.no_train:
-        print(table("training step", run_interleaved(train_cases, args.repeats)))
+        results["training step"] = run_interleaved(train_cases, args.repeats)
+        print(table("training step", results["training step"]))
     if not args.no_infer:
         print(f"\ninference: one {args.infer_size}×{args.infer_size} LR image, no grad, eval mode\n")
-        print(table("inference", run_interleaved(infer_cases, args.repeats)))
+        results["inference"] = run_interleaved(infer_cases, args.repeats)
+        print(table("inference", results["inference"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "margin_table.py"
+from .benchmark_scripts import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def margin_table():
-    spec = importlib.util.spec_from_file_location("margin_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+    with benchmark_scripts("margin_table") as scripts:
+        yield scripts["margin_table"]
 
 
 def _row(set_name: str, q: float, lsq: float) -> dict:

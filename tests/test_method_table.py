@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from .benchmark_scripts import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def method_table():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("method_table", BENCHMARKS / "method_table.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("method_table", None)
-        sys.modules.pop("margin_table", None)
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_scripts("method_table") as scripts:
+        yield scripts["method_table"]
 
 
 def test_each_model_is_compared_with_the_float_model_image_by_image(method_table):

@@ -3,7 +3,6 @@ written, the numbers on the cards (checked against the hand-written logs they co
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -17,27 +16,14 @@ from qmambair.loading import load_model
 from qmambair.models.checkpoint import save_model
 from qmambair.models.presets import build_model
 
+from .benchmark_scripts import benchmark_scripts
 from .test_benchmark import TINY, env, spec  # noqa: F401 (env is a fixture)
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def modules():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        loaded = {}
-        for name in ("model_card", "ship_campaign"):
-            spec_ = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-            module = importlib.util.module_from_spec(spec_)
-            sys.modules[name] = module
-            spec_.loader.exec_module(module)
-            loaded[name] = module
-        yield loaded
-    finally:
-        for name in ("model_card", "ship_campaign"):
-            sys.modules.pop(name, None)
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_scripts("model_card", "ship_campaign") as scripts:
+        yield scripts
 
 
 def test_wall_time_adds_every_session_including_killed_ones(modules):

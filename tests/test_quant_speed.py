@@ -1,0 +1,32 @@
+"""benchmarks/quant_speed.py --runs: the spread over processes, checked against hand-computed ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+from .benchmark_scripts import benchmark_scripts
+
+
+@pytest.fixture(scope="module")
+def quant_speed():
+    with benchmark_scripts("quant_speed") as scripts:
+        yield scripts["quant_speed"]
+
+
+def _row(text: str, name: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_each_run_is_divided_by_its_own_float_time(quant_speed):
+    # run 1: float median 100 ms, lsq median 150 ms -> 1.50; run 2: float 200, lsq 220 -> 1.10;
+    # run 3: float 50, lsq 60 -> 1.20. Ratio of the medians over runs would be 150/100 = 1.50 instead.
+    runs = [
+        {"float": [0.1, 0.09, 0.2], "lsq": [0.15, 0.14, 0.3]},
+        {"float": [0.2, 0.2, 0.2], "lsq": [0.22, 0.1, 0.5]},
+        {"float": [0.05, 0.05, 0.06], "lsq": [0.06, 0.06, 0.07]},
+    ]
+    text = quant_speed.runs_table("inference", runs)
+    assert "median of 3 runs" in text
+    assert _row(text, "float") == ["float", "100.0", "1.00", "1.00", "1.00"]
+    assert _row(text, "lsq") == ["lsq", "150.0", "1.20", "1.10", "1.50"]
