@@ -7,11 +7,12 @@ input and of every quantizer parameter (float round-off: the kernels sum in a di
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from qmambair.quant import DLS, LSQ, RFA, ActQuant, LSQWeight
-from qmambair.quant.fused import ENV_VAR, quant_kernels, use_fused
+from qmambair.quant.fused import ENV_VAR, _f32, quant_kernels, use_fused
 
 pytest.importorskip("numba")
 
@@ -437,3 +438,13 @@ def test_dls_sigma_is_the_correctly_rounded_square_root_on_both_paths():
     fused = _dls_scalars(zero.numpy(), var.numpy(), -one.numpy(), one.numpy(), v.numpy(),
                          np.full(4, 0.1, np.float32), consts)
     assert torch.equal(torch.from_numpy(fused["beta"]), want)
+
+
+def test_per_group_scalars_broadcast_one_value_and_refuse_a_wrong_count():
+    assert _f32(2.5, 3).tolist() == [2.5, 2.5, 2.5]
+    assert _f32(np.array([-np.inf]), 2).tolist() == [-np.inf, -np.inf]
+    got = _f32(np.array([1.0, 2.0, 3.0]), 3)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.tolist() == [1.0, 2.0, 3.0]
+    assert _f32(torch.tensor([[1.0], [4.0]]).numpy(), 2).tolist() == [1.0, 4.0]
+    with pytest.raises(ValueError, match="expected 1 or 4 values, got 3"):
+        _f32(np.ones(3), 4)

@@ -87,9 +87,15 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _f32(value, groups: int) -> np.ndarray:
-    """A (groups,) float32 vector from a number or an array of one or ``groups`` values."""
+    """A (groups,) float32 vector from a number or an array of one or ``groups`` values (the kernels only
+    read it: it may share memory with ``value``). Called several times per quantizer call, so it avoids
+    ``np.broadcast_to``, which costs a few microseconds each time."""
     arr = np.asarray(value, dtype=F32).reshape(-1)
-    return np.ascontiguousarray(np.broadcast_to(arr, (groups,)))
+    if arr.shape[0] == groups:
+        return np.ascontiguousarray(arr)
+    if arr.shape[0] == 1:
+        return np.full(groups, arr[0], F32)
+    raise ValueError(f"expected 1 or {groups} values, got {arr.shape[0]}")
 
 
 def _needs_graph(*tensors: torch.Tensor) -> bool:
