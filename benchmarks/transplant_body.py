@@ -8,7 +8,7 @@ architecture with every weight from ``--body`` except the upsampler's (``upsampl
 (``campaign/README.md``: the ×2 stage ``x2-fp4`` starts from the ×4 stage's body)::
 
     python benchmarks/transplant_body.py --body campaign/x4-fp3/best-step3000.safetensors \\
-        --tail campaign/x2-fp3/last.pt --out campaign/x2-fp4/init.safetensors
+        --tail campaign/x2-fp3/step1225.safetensors --out runs/x2-init.safetensors
 """
 
 from __future__ import annotations

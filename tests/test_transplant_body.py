@@ -10,8 +10,7 @@ from qmambair.models.checkpoint import save_model
 from qmambair.models.presets import build_model
 
 from .benchmark_scripts import benchmark_scripts
-
-TINY = {"embed_dim": 12, "depths": [1], "d_state": 2}
+from .test_benchmark import TINY
 
 
 @pytest.fixture(scope="module")
