@@ -4,8 +4,10 @@ Models (light ×N from the shipped float weights): the float model, and the same
 Q-MambaIR and with LSQ at ``--bits`` (quantizers initialised on one training batch), each with its own Adam.
 Training step = forward, L1 loss, backward, Adam step on a batch of ``--batch`` LR patches of ``--lr-size``
 pixels. Inference = no-grad eval forward of one ``--infer-size`` LR image, for the float model, the fresh
-fake-quant models and the shipped packed ``.qmb`` models (``--packed``, W4A4 by default). Each repeat runs
-every case once, in turn, on the same inputs; the table gives medians and the ratio to float.
+fake-quant models and the shipped packed ``.qmb`` models (``--packed``, W4A4 by default). Inference runs on
+its own copy of each model, kept in eval mode: the training cases' ``train()`` and optimizer steps would
+otherwise drop the quantized-weight cache before every inference call, which a deployed model keeps. Each
+repeat runs every case once, in turn, on the same inputs; the table gives medians and the ratio to float.
 
 ``--quant-kernels eager,fused`` runs each quantized case with the eager quantizers (the oracle) and with the
 fused kernels (``qmambair.quant.fused``), so the speed-up of the kernels is measured side by side too.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import subprocess
@@ -78,6 +81,7 @@ def build_cases(args: argparse.Namespace) -> tuple[Cases, Cases]:
     train_cases: Cases = {}
     infer_cases: Cases = {}
     for name, model in models.items():
+        frozen = copy.deepcopy(model).eval()  # inference copy: the training steps leave its weight cache
         opt = torch.optim.Adam(model.parameters(), lr=1e-6, betas=(0.9, 0.99), fused=True)  # as the trainer
         for kernel in ["-"] if name == "float" else kernels:
             label = name if name == "float" else f"{name} ({kernel})"
@@ -90,9 +94,9 @@ def build_cases(args: argparse.Namespace) -> tuple[Cases, Cases]:
                     loss.backward()
                     opt.step()
 
-            def infer(model=model, kernel=kernel) -> None:
+            def infer(model=frozen, kernel=kernel) -> None:
                 with quant_kernels(kernel if kernel != "-" else None), torch.no_grad():
-                    model.eval()(image)
+                    model(image)
 
             train_cases[label] = step
             infer_cases[label] = infer

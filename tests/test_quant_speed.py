@@ -30,3 +30,25 @@ def test_each_run_is_divided_by_its_own_float_time(quant_speed):
     assert "median of 3 runs" in text
     assert _row(text, "float") == ["float", "100.0", "1.00", "1.00", "1.00"]
     assert _row(text, "lsq") == ["lsq", "150.0", "1.20", "1.10", "1.50"]
+
+
+def test_inference_cases_keep_their_weight_cache_across_training_steps(quant_speed):
+    # A deployed model quantizes its weights once; the interleaved training steps (train(), Adam) must not
+    # make every timed inference call quantize them again.
+    import argparse
+
+    from qmambair.quant.base import WeightQuantizer
+
+    args = argparse.Namespace(scale=4, bits=2, batch=1, lr_size=8, infer_size=8, methods="fp,lsq",
+                              quant_kernels="fused", packed="", load_quant_ab=False, denormals_ab=False)
+    train_cases, infer_cases = quant_speed.build_cases(args)
+    infer = infer_cases["lsq (fused)"]
+    model = infer.__defaults__[0]
+    infer()
+    cached = [m._cached[1] for m in model.modules() if isinstance(m, WeightQuantizer)]
+    assert cached and all(t is not None for t in cached)
+    train_cases["lsq (fused)"]()
+    infer()
+    again = [m._cached[1] for m in model.modules() if isinstance(m, WeightQuantizer)]
+    assert all(a is b for a, b in zip(cached, again, strict=True))
+    assert model is not train_cases["lsq (fused)"].__defaults__[0]
