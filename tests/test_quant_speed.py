@@ -1,6 +1,9 @@
-"""benchmarks/quant_speed.py --runs: the spread over processes, checked against hand-computed ratios."""
+"""benchmarks/quant_speed.py: the spread over processes (--runs, checked against hand-computed ratios) and the
+inference cases' weight cache."""
 
 from __future__ import annotations
+
+import argparse
 
 import pytest
 
@@ -35,8 +38,6 @@ def test_each_run_is_divided_by_its_own_float_time(quant_speed):
 def test_inference_cases_keep_their_weight_cache_across_training_steps(quant_speed):
     # A deployed model quantizes its weights once; the interleaved training steps (train(), Adam) must not
     # make every timed inference call quantize them again.
-    import argparse
-
     from qmambair.quant.base import WeightQuantizer
 
     args = argparse.Namespace(scale=4, bits=2, batch=1, lr_size=8, infer_size=8, methods="fp,lsq",
