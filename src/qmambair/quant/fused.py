@@ -186,8 +186,8 @@ def group_stats(
     """(mean, unbiased variance or None for one-element groups, min, max) of each row, shape (G, 1).
 
     Mean and variance are computed in float64 and rounded to the input's dtype, by torch (``fused=False``,
-    differentiable: min and max via amin/amax, which share their gradient among ties) or by a numba pass for
-    the sums plus torch's amin/amax (``fused=True``, no autograd). Both round the same float64 values, so they
+    differentiable: min and max via amin/amax, which share their gradient among ties) or by one numba pass
+    (``fused=True``, no autograd). Both round the same float64 values, so they
     agree to the bit except when a value lies within float64 round-off of a float32 rounding boundary.
     ``copies``: the statistics of rows holding each element that many times (only the unbiased variance
     changes: n·c − 1 degrees of freedom), for a tensor made of repeats of ``x2`` without reading them.
@@ -211,20 +211,10 @@ def _stats_np(
     x2: torch.Tensor, copies: int = 1
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
     """Float32 (G,) mean, variance (None for one element), min, max of each row (repeated ``copies``
-    times): float64 sums in one numba pass, min and max from torch."""
-    k = _kernels()
-    groups, n = x2.shape
-    per_group, total = k.chunk_layout(groups, n)
-    partial = np.empty((total, 2), np.float64)
-    xn = _np(x2)
-    k.group_sums(xn, partial)
-    parts = partial.reshape(groups, per_group, 2)
-    s1, s2 = parts[:, :, 0].sum(axis=1), parts[:, :, 1].sum(axis=1)
-    mean = (xn[:, 0].astype(np.float64) + s1 / n).astype(F32)
-    m = n * copies
-    var = np.maximum((s2 - s1 * s1 / n) * copies / (m - 1), 0.0).astype(F32) if m > 1 else None
-    x2 = x2.detach()  # amin and amax separately: torch.aminmax(dim=1) is 7x slower on one long row
-    return mean, var, x2.amin(dim=1).numpy().astype(F32), x2.amax(dim=1).numpy().astype(F32)
+    times), from one numba pass (float64 sums, integer order keys for min and max)."""
+    n = x2.shape[1]
+    mean, var, lo, hi = _kernels().group_stats(_np(x2), copies)
+    return mean, var if n * copies > 1 else None, lo, hi
 
 
 class DLSConsts(NamedTuple):
@@ -241,18 +231,12 @@ class DLSConsts(NamedTuple):
 def _dls_scalars(mean, var, lo, hi, v, w, c: DLSConsts) -> dict[str, np.ndarray]:
     """DLS's step and offset per group (float32, in the eager expression's operation order), with the
     intermediate values the backward needs."""
-    if var is None:
-        sigma = np.zeros_like(mean)
-    else:  # in float64, rounded to float32, as dls.step_and_offset
-        sigma = np.sqrt(np.maximum(var, F32(c.var_floor)).astype(np.float64)).astype(F32)
-    beta = v[0] * mean + v[1] * sigma + v[2] * lo + v[3] * hi
-    t_mu, t_lo, t_hi = mean + beta, lo + beta, hi + beta
-    pre = w[0] * np.abs(t_mu) + w[1] * sigma + w[2] * t_lo + w[3] * t_hi
-    raw = np.abs(pre)
-    floored = np.maximum(raw, F32(c.min_delta))
-    cap = np.maximum((hi - lo) / F32(2**c.bits), F32(1e-12))
-    return dict(mean=mean, lo=lo, hi=hi, sigma=sigma, beta=beta, t_mu=t_mu, t_lo=t_lo, t_hi=t_hi, pre=pre,
-                raw=raw, floored=floored, cap=cap, delta=np.minimum(floored, cap))
+    k = _kernels()
+    out = np.empty((mean.shape[0], len(k.DLS_COLUMNS)), F32)
+    has_var = var is not None
+    k.dls_scalars(mean, var if has_var else mean, lo, hi, _f32(v, 4), _f32(w, 4), has_var, c.bits,
+                  c.var_floor, c.min_delta, out)
+    return dict(mean=mean, lo=lo, hi=hi, **{name: out[:, i] for i, name in enumerate(k.DLS_COLUMNS)})
 
 
 def _dls_scalar_grads(s: dict[str, np.ndarray], var, v, w, g_delta, g_beta, c: DLSConsts):

@@ -29,6 +29,8 @@ except ImportError:  # pragma: no cover - exercised only on installs without num
 AVAILABLE = njit is not None
 CHUNK = 16384  # elements per work item and per partial sum
 SUMS = 6  # affine backward partials per chunk: dstep, doffset, dlo, dhi, #(x == lo), #(x == hi)
+# the values ``dls_scalars`` writes per group, in column order
+DLS_COLUMNS = ("sigma", "beta", "t_mu", "t_lo", "t_hi", "pre", "raw", "floored", "cap", "delta")
 
 
 def chunk_layout(groups: int, n: int) -> tuple[int, int]:
@@ -58,13 +60,16 @@ if AVAILABLE:
                 dst[i] = min(max(y, low), high)
 
     @njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc"})
-    def group_sums(x, partial):
-        """Per chunk: (Σ(x − K), Σ(x − K)²) with K = the group's first element, in float64.
+    def _chunk_moments(x, bits, sums, keys):
+        """Per chunk: (Σ(x − K), Σ(x − K)²) in float64 with K = the group's first element, and the least and
+        greatest ``order key`` of its elements.
 
         Shifting by K keeps the variance formula (Σd² − (Σd)²/n)/(n − 1) free of cancellation for data far
         from zero; float64 sums make the float32-rounded mean and variance those of an exact computation.
-        (Minimum and maximum come from torch's amin/amax: numba does not vectorize a min/max reduction, which
-        made this pass 10x slower when it computed them too.)
+        The order key is the float32's bit pattern as an int32 with the sign-magnitude order turned into
+        two's-complement order (negative values: the magnitude bits flipped), so integer min/max give the
+        float min/max: LLVM vectorizes integer min/max reductions, not float ones (a float min/max here made
+        this pass 10x slower). ``bits`` is ``x`` viewed as int32.
         """
         groups, n = x.shape
         per_group = max(1, (n + CHUNK - 1) // CHUNK)
@@ -73,15 +78,86 @@ if AVAILABLE:
             start = (c % per_group) * CHUNK
             stop = min(start + CHUNK, n)
             k = np.float64(x[g, 0])
-            xg = x[g, start:stop]
+            xg, bg = x[g, start:stop], bits[g, start:stop]
             s1 = 0.0
             s2 = 0.0
+            least = np.int32(2147483647)
+            most = np.int32(-2147483648)
             for i in range(stop - start):
                 d = np.float64(xg[i]) - k
                 s1 += d
                 s2 += d * d
-            partial[c, 0] = s1
-            partial[c, 1] = s2
+                b = bg[i]
+                key = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
+                least = min(least, key)
+                most = max(most, key)
+            sums[c, 0] = s1
+            sums[c, 1] = s2
+            keys[c, 0] = least
+            keys[c, 1] = most
+
+    @njit(cache=True, error_model="numpy")
+    def _finish_stats(x, sums, keys, copies, mean, var, lo_bits, hi_bits):
+        """Add the chunks of each group in chunk order and round: float32 mean, unbiased variance of the
+        row repeated ``copies`` times, and the bit patterns of min and max (a NaN anywhere: both NaN, as
+        torch's amin/amax). Strict float arithmetic (no fast-math flags)."""
+        groups, n = x.shape
+        per_group = sums.shape[0] // groups
+        m = n * copies
+        neg_inf_key = np.int32(-2139095041)  # order key of -inf; NaNs lie outside [key(-inf), key(+inf)]
+        pos_inf_key = np.int32(0x7F800000)
+        for g in range(groups):
+            s1 = 0.0
+            s2 = 0.0
+            least = np.int32(2147483647)
+            most = np.int32(-2147483648)
+            for c in range(g * per_group, (g + 1) * per_group):
+                s1 += sums[c, 0]
+                s2 += sums[c, 1]
+                least = min(least, keys[c, 0])
+                most = max(most, keys[c, 1])
+            mean[g] = np.float32(np.float64(x[g, 0]) + s1 / n)
+            if m > 1:
+                var[g] = np.float32(max((s2 - s1 * s1 / n) * copies / (m - 1), 0.0))
+            if least < neg_inf_key or most > pos_inf_key:
+                lo_bits[g] = np.int32(0x7FC00000)
+                hi_bits[g] = np.int32(0x7FC00000)
+            else:
+                lo_bits[g] = least ^ ((least >> 31) & np.int32(0x7FFFFFFF))
+                hi_bits[g] = most ^ ((most >> 31) & np.int32(0x7FFFFFFF))
+
+    def group_stats(x: np.ndarray, copies: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """float32 (mean, unbiased variance, min, max) of each row of the float32 (G, n) array ``x``, in one
+        pass; the variance is that of each row repeated ``copies`` times (meaningless when n·copies = 1)."""
+        groups, n = x.shape
+        total = groups * max(1, -(-n // CHUNK))
+        sums = np.empty((total, 2), np.float64)
+        keys = np.empty((total, 2), np.int32)
+        _chunk_moments(x, x.view(np.int32), sums, keys)
+        mean, var, lo, hi = (np.zeros(groups, np.float32) for _ in range(4))
+        _finish_stats(x, sums, keys, copies, mean, var, lo.view(np.int32), hi.view(np.int32))
+        return mean, var, lo, hi
+
+    @njit(cache=True, error_model="numpy")
+    def dls_scalars(mean, var, lo, hi, v, w, has_var, bits, var_floor, min_delta, out):
+        """DLS's step Δ and offset β of each group from its statistics, with the intermediate values the
+        backward needs: ``out[g]`` holds the ``DLS_COLUMNS``. The float32 operations of
+        ``dls.step_and_offset`` in its order (σ's square root in float64, rounded once); ``has_var`` False:
+        one-element groups, σ = 0."""
+        f32 = np.float32
+        floor, least = f32(var_floor), f32(min_delta)
+        levels, tiny = f32(2.0**bits), f32(1e-12)
+        for g in range(mean.shape[0]):
+            sigma = f32(np.sqrt(np.float64(max(var[g], floor)))) if has_var else f32(0.0)
+            beta = v[0] * mean[g] + v[1] * sigma + v[2] * lo[g] + v[3] * hi[g]
+            t_mu, t_lo, t_hi = mean[g] + beta, lo[g] + beta, hi[g] + beta
+            pre = w[0] * abs(t_mu) + w[1] * sigma + w[2] * t_lo + w[3] * t_hi
+            raw = abs(pre)
+            floored = max(raw, least)
+            cap = max((hi[g] - lo[g]) / levels, tiny)
+            row = out[g]
+            row[0], row[1], row[2], row[3], row[4] = sigma, beta, t_mu, t_lo, t_hi
+            row[5], row[6], row[7], row[8], row[9] = pre, raw, floored, cap, min(floored, cap)
 
     @njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc"})
     def affine_backward(x, grad, step, offset, lo, hi, qn, qp, grad_x, partial):
@@ -251,6 +327,11 @@ def warm_up() -> None:
     partial = np.zeros((1, SUMS), np.float64)
     affine_backward(x, x, one, one * 0, neg, pos, -2.0, 1.0, out, partial)
     stats_backward(x, out, one * 0, np.zeros(1), np.zeros(1), neg, one * 0, pos, one * 0, 8)
+    mean, var, lo, hi = group_stats(x)
+    group_stats(x[:, ::2])  # a strided row view: the scan's one-order statistics
+    for has_var in (True, False):
+        row = np.empty((1, len(DLS_COLUMNS)), f32)
+        dls_scalars(mean, var, lo, hi, one, one, has_var, 2, 1e-12, 1e-6, row)
     anchors = np.arange(-2, 2, dtype=f32)
     thresholds = ((anchors[1:] + anchors[:-1]) / 2).astype(f32)
     flat = x.reshape(-1)
