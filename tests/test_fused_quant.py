@@ -107,7 +107,7 @@ def test_fused_dls_with_learned_parameters_and_ties_on_the_clip_bounds():
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("data", sorted(tensors()))
 def test_dls_step_and_offset_without_a_graph_are_the_eager_values(bits, per_sample, data):
-    # the inference shortcut (numpy scalars from the fused statistics) against the torch expression
+    # the inference shortcut (the fused statistics and scalar function) against the torch expression
     x = tensors()[data]
     q = DLS(bits, per_sample=per_sample)
     with torch.no_grad():

@@ -4,9 +4,10 @@ The eager quantizers build their output from a dozen tensor-wide torch operation
 and autograd records each; a training step of a quantized light MambaIR then ran ~50,000 small operations.
 Here each fake-quant is one ``torch.autograd.Function``: one pass for DLS's statistics, one for the codes,
 one or two for the backward. The scalar part (DLS's step and offset from the statistics, LSQ's gradient
-scale and step floor, RFA's ordered anchors) is computed with numpy in float32 in the eager expression's
-operation order, so the forward output is bit-identical to the eager quantizer; its backward is written out
-by hand (in float64) and returns the gradient of every quantizer parameter.
+scale and step floor, RFA's ordered anchors) is computed in float32 (DLS's by a small numba function, the
+rest with numpy) in the eager expression's operation order, so the forward output is bit-identical to the
+eager quantizer; its backward is written out by hand (in float64) and returns the gradient of every
+quantizer parameter.
 
 Which path runs: ``QMAMBAIR_QUANT=eager|fused|auto`` (default auto), or ``with quant_kernels("eager"):`` in
 code. ``auto`` takes the fused path for float32 CPU tensors when numba imports, and the eager path otherwise
