@@ -17,6 +17,9 @@ and the rest. File sizes of the float safetensors, the .qmb and the ONNX graphs 
 
     python benchmarks/deploy_speed.py --threads 2 --repeats 5
     python benchmarks/deploy_speed.py --threads 2 --repeats 3 --size 32 --onnx --out deploy-32.md
+
+``--malloc keep`` (default) reuses freed memory as ``qmambair restore`` does at start-up
+(``qmambair.allocator.keep_freed_memory``); ``--malloc default`` keeps glibc's thresholds.
 """
 
 from __future__ import annotations
@@ -122,12 +125,18 @@ def main() -> None:
     parser.add_argument("--packed", default="light-sr-x4-qmambair-w4a4", help="shipped packed model name")
     parser.add_argument("--onnx", action="store_true", help="also export and time ONNX float and QDQ graphs")
     parser.add_argument("--out", type=Path, help="also write the tables as markdown to this file (new file)")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: reuse freed memory as `qmambair restore` does (qmambair.allocator); "
+                             "default: glibc's own thresholds")
     args = parser.parse_args()
     if args.out is not None and args.out.exists():
         raise SystemExit(f"{args.out} exists; choose another file")
 
+    from qmambair.allocator import keep_freed_memory
     from qmambair.train.trainer import set_threads
 
+    if args.malloc == "keep":
+        keep_freed_memory()
     set_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         cases, models, sizes, x = build_cases(args, Path(tmp))
@@ -145,6 +154,7 @@ def main() -> None:
     lines = [
         f"Deployment speed: light x{args.scale}, input 1x3x{args.size}x{args.size}, packed model "
         f"{args.packed}, {args.threads} threads, {args.repeats} interleaved repeats (medians), "
+        f"malloc {args.malloc}, "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}.",
         "",
         "| case | median ms | x float (PyTorch) |",

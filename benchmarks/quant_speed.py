@@ -18,6 +18,9 @@ flush subnormal numbers to zero otherwise, ``qmambair.scan.cpu``), so what that 
 side.
 ``--pair`` starts two copies of the training comparison side by side, one thread each (the case of two
 trainings sharing a 2-core machine), and prints both tables.
+``--malloc keep`` (the default) reuses freed memory as the ``qmambair`` command does at start-up
+(``qmambair.allocator.keep_freed_memory``); ``--malloc default`` keeps glibc's thresholds, under which every
+large tensor may page-fault its memory in again (``benchmarks/allocator.py`` measures that alone).
 ``--runs K`` repeats the whole comparison in K fresh processes, one after the other, and prints for each case
 the median over the runs of its ratio to float with the lowest and highest run: on a small shared machine
 the ratio moves more between processes than between the repeats of one process.
@@ -237,6 +240,9 @@ def main() -> None:
     p.add_argument("--pair", action="store_true", help="two copies side by side, one thread each")
     p.add_argument("--profile", default="", help="profile one training step of this case instead")
     p.add_argument("--runs", type=int, default=1, help="repeat the comparison in this many fresh processes")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: reuse freed memory as the command line does at start-up "
+                        "(qmambair.allocator.keep_freed_memory); default: glibc's own thresholds")
     p.add_argument("--json", default="", help=argparse.SUPPRESS)  # a --runs child writes its times here
     args = p.parse_args()
     if args.runs < 1:
@@ -251,21 +257,25 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--threads", "1", "--no-infer", "--packed", "",
                "--repeats", str(args.repeats), "--bits", str(args.bits), "--batch", str(args.batch),
                "--lr-size", str(args.lr_size), "--scale", str(args.scale), "--methods", args.methods,
-               "--quant-kernels", args.quant_kernels] + (["--denormals-ab"] if args.denormals_ab else [])
+               "--quant-kernels", args.quant_kernels, "--malloc", args.malloc]
+        cmd += ["--denormals-ab"] if args.denormals_ab else []
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
         for i, proc in enumerate(procs):
             out, _ = proc.communicate()
             print(f"== copy {i + 1} of 2 (side by side, 1 thread each)\n{out}")
         return
 
+    from qmambair.allocator import keep_freed_memory
     from qmambair.train.trainer import set_threads
 
+    if args.malloc == "keep":
+        keep_freed_memory()
     set_threads(args.threads)
     if args.profile:
         profile(args, args.profile)
         return
     train_cases, infer_cases = build_cases(args)
-    machine = f"{args.threads} thread(s), torch {torch.__version__}"
+    machine = f"{args.threads} thread(s), malloc {args.malloc}, torch {torch.__version__}"
     print(f"light ×{args.scale}, W{args.bits}A{args.bits}, batch {args.batch}, "
           f"LR {args.lr_size}×{args.lr_size}; {args.repeats} repeats, interleaved; {machine}\n")
     results: dict[str, dict[str, list[float]]] = {}
