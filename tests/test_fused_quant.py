@@ -332,6 +332,39 @@ def test_inference_quantizes_u_and_delta_inside_the_scan(monkeypatch, method, pe
     torch.testing.assert_close(on_load, eager, rtol=0, atol=1e-6)
 
 
+def _special_rows() -> dict[str, torch.Tensor]:
+    """Rows whose minimum or maximum sits on the edges of the float32 order: signed zeros, subnormals,
+    the largest finite values and infinities, far from the other values or among them."""
+    g = _gen(5)
+    tiny = torch.finfo(torch.float32).tiny
+    big = torch.finfo(torch.float32).max
+    base = torch.randn(3, 40000, generator=g)  # three chunks per row
+    edges = base.clone()
+    edges[0, 17], edges[0, 39999] = -big, big
+    edges[1, 20000] = -tiny / 8  # a negative subnormal among normal values
+    edges[2] = torch.rand(40000, generator=g) * tiny  # only subnormals and zeros
+    edges[2, 5] = 0.0
+    signed_zero = torch.tensor([[-0.0, 0.0, -0.0], [0.0, 0.0, 0.0]])
+    negative = -torch.rand(2, 33, generator=g) - 1e-3  # every bit pattern has the sign bit set
+    infinite = torch.tensor([[1.0, float("inf"), -2.0], [float("-inf"), 3.0, 4.0]])
+    return {"edges": edges, "signed_zero": signed_zero, "negative": negative, "infinite": infinite,
+            "strided": base[:, ::3], "nan": torch.tensor([[1.0, float("nan"), -5.0], [2.0, 3.0, -1.0]])}
+
+
+@pytest.mark.parametrize("name", sorted(_special_rows()))
+def test_one_pass_min_and_max_are_torch_amin_and_amax(name):
+    # the fused statistics read min and max from integer order keys of the float bits; torch is the oracle
+    from qmambair.quant.fused import _stats_np
+
+    x2 = _special_rows()[name]
+    _, _, lo, hi = _stats_np(x2)
+    ref_lo, ref_hi = x2.amin(dim=1).numpy(), x2.amax(dim=1).numpy()
+    if name == "nan":  # a NaN in a row makes both NaN, as amin/amax; the other row is unaffected
+        assert np.isnan(lo[0]) and np.isnan(hi[0]) and np.isnan(ref_lo[0]) and np.isnan(ref_hi[0])
+        lo, hi, ref_lo, ref_hi = lo[1:], hi[1:], ref_lo[1:], ref_hi[1:]
+    assert np.array_equal(lo, ref_lo) and np.array_equal(hi, ref_hi), (lo, ref_lo, hi, ref_hi)
+
+
 @pytest.mark.parametrize("mode", ["eager", "fused"])
 @pytest.mark.parametrize("data", ["gaussian", "outliers", "large", "constant", "one_element"])
 def test_statistics_of_a_repeated_tensor_come_from_one_copy(mode, data):
