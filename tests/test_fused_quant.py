@@ -122,10 +122,11 @@ def test_dls_step_and_offset_without_a_graph_are_the_eager_values(bits, per_samp
         assert torch.equal(r, g), f"{name}: {r.flatten()[:4]} vs {g.flatten()[:4]}"
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])  # 8 bits: 255 thresholds, the kernels' binary-search path
 @pytest.mark.parametrize("anchors", ["grid", "moved", "crossed"])
-def test_fused_rfa_matches_eager(bits, anchors):
-    w = torch.randn(24, 60, generator=_gen(2)) * 0.05
+@pytest.mark.parametrize("shape", [(24, 60), (5, 9000)])  # one kernel chunk; three
+def test_fused_rfa_matches_eager(bits, anchors, shape):
+    w = torch.randn(shape, generator=_gen(2)) * 0.05
     w[0, 0] = 0.9  # far outside the grid
     q = RFA(bits)
     if anchors != "grid":

@@ -248,3 +248,23 @@ def test_non_checkpoint_files(tmp_path):
         load_model(path)
     with pytest.raises(CheckpointError, match="no such file"):
         load_model(tmp_path / "missing.pth")
+
+
+def test_projection_is_the_einsum_with_outputs_and_gradients_in_b_k_order():
+    from qmambair.models.ss2d import Projection
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 6, 35, generator=gen, dtype=torch.float64)
+    weight = torch.randn(4, 5, 6, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(2, 4, 5, 35, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (lambda a, w: torch.einsum("bkdl,kcd->bkcl", a, w), Projection()):  # the oracle first
+        a, w = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        y = fn(a, w)
+        (y * upstream).sum().backward()
+        results.append((y.detach(), a.grad, w.grad))
+    for ref, got in zip(*results, strict=True):
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    y, grad_x, _ = results[1]
+    # the order the split, the scan and the quantizers read without a copy
+    assert y.is_contiguous() and grad_x.is_contiguous()

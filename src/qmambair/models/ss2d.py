@@ -19,10 +19,18 @@ DIRECTIONS = 4
 
 
 class Projection(nn.Module):
-    """Per-direction linear map: (b, K, d, L) x (K, c, d) -> (b, K, c, L)."""
+    """Per-direction linear map: (b, K, d, L) x (K, c, d) -> (b, K, c, L).
+
+    Written as a broadcast matmul (W_k · x_bk for each sample and direction), not as the equivalent einsum
+    "bkdl,kcd->bkcl": the einsum contracts through one GEMM per direction over (b·L, d) rows and returns its
+    output, and autograd its input gradient, as permuted views (memory order K, b, L, c), which the split
+    into Δ, B, C, the scan and every quantizer on the input then copy back into (b, K, ·, L) order. The
+    matmul writes both in that order, and autograd's matmul backward (Wᵀ·grad per sample and direction,
+    grad·xᵀ summed over the batch for W) does too. The same sums, so the same values up to float round-off.
+    """
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bkdl,kcd->bkcl", x, weight)
+        return torch.matmul(weight, x)
 
 
 class ScanOp(nn.Module):

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..tracing import capturing_graph
+
 ENV_VAR = "QMAMBAIR_QUANT"
 MODES = ("auto", "eager", "fused")
 F32 = np.float32
@@ -67,7 +69,7 @@ def quant_kernels(mode: str | None) -> Iterator[None]:
 def use_fused(x: torch.Tensor) -> bool:
     """Whether a quantizer called on ``x`` takes the fused path (see the module docstring)."""
     mode = _mode()
-    if mode == "eager" or _graph_capture():
+    if mode == "eager" or capturing_graph():
         return False
     eligible = x.device.type == "cpu" and x.dtype == torch.float32
     if eligible and _kernels() is None:
@@ -75,12 +77,6 @@ def use_fused(x: torch.Tensor) -> bool:
             raise RuntimeError(f"{ENV_VAR}=fused but the numba kernels are not available")
         return False
     return eligible
-
-
-def _graph_capture() -> bool:
-    """True while torch records a graph (ONNX export, jit tracing, torch.compile): they must see the eager
-    quantizers' torch operations, not numpy calls."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - exercised only on installs without num
 
 AVAILABLE = njit is not None
 CHUNK = 16384  # elements per work item and per partial sum
+LINEAR_MAX = 64  # RFA grids up to this many thresholds are counted with compares, wider ones searched
 SUMS = 6  # affine backward partials per chunk: dstep, doffset, dlo, dhi, #(x == lo), #(x == hi)
 # the values ``dls_scalars`` writes per group, in column order
 DLS_COLUMNS = ("sigma", "beta", "t_mu", "t_lo", "t_hi", "pre", "raw", "floored", "cap", "delta")
@@ -258,58 +259,106 @@ if AVAILABLE:
                 hi = mid
         return lo
 
+    @njit(inline="always", cache=True, error_model="numpy")
+    def _counts(u, points, strict, out):
+        """out[i] = #{j : points[j] < u[i]} (``strict``) or #{j : points[j] <= u[i]}, as float32, for
+        increasing ``points`` of at most ``LINEAR_MAX``: one compare per point and element in passes over
+        the slice, without branches, so each pass vectorizes. (A binary search per element branches on
+        the data; on real weights its mispredictions made RFA's kernels 5-50x slower.)"""
+        one, zero = np.float32(1.0), np.float32(0.0)
+        for i in range(u.shape[0]):
+            out[i] = zero
+        for j in range(points.shape[0]):
+            p = points[j]
+            if strict:
+                for i in range(u.shape[0]):
+                    out[i] += one if u[i] > p else zero
+            else:
+                for i in range(u.shape[0]):
+                    out[i] += one if u[i] >= p else zero
+
     @njit(parallel=True, cache=True, error_model="numpy")
     def rfa_forward(w, alpha, beta, thresholds, qn, qp, out):
         """out = α·(qn + #{i : u > t_i}) − β with u = clip((w + β)/α, qn, qp), over a flat tensor."""
         n = w.shape[0]
         fqn, fqp = np.float32(qn), np.float32(qp)
+        wide = thresholds.shape[0] > LINEAR_MAX
+        ubuf = np.empty(n, np.float32)
         for c in prange(max(1, (n + CHUNK - 1) // CHUNK)):
-            for i in range(c * CHUNK, min((c + 1) * CHUNK, n)):
-                u = min(max((w[i] + beta) / alpha, fqn), fqp)
-                q = fqn + np.float32(_count_below(u, thresholds))
-                out[i] = alpha * q - beta
+            start = c * CHUNK
+            stop = min(start + CHUNK, n)
+            src, u, dst = w[start:stop], ubuf[start:stop], out[start:stop]
+            for i in range(stop - start):
+                u[i] = min(max((src[i] + beta) / alpha, fqn), fqp)
+            if wide:
+                for i in range(stop - start):
+                    dst[i] = np.float32(_count_below(u[i], thresholds))
+            else:
+                _counts(u, thresholds, True, dst)
+            for i in range(stop - start):
+                dst[i] = alpha * (fqn + dst[i]) - beta
 
     @njit(parallel=True, cache=True, error_model="numpy")
     def rfa_backward(w, grad, alpha, beta, thresholds, anchors, qn, qp, outer_slope, grad_w, partial):
         """Gradient of RFA through its piecewise-linear surrogate ŝ (anchors ``anchors``, ordered).
 
-        Per chunk, ``partial[c]`` = (d α, d β, d anchor_0, ..., d anchor_last).
+        Per chunk, ``partial[c]`` = (d α, d β, d anchor_0, ..., d anchor_last), summed in element order.
+        Each element's place s = #{anchors <= u} (0: below the first anchor, k: above the last, else the
+        segment s − 1) indexes small tables (slope, the segment's anchors, which partials it feeds), so the
+        per-element work has no data-dependent branches.
         """
         n = w.shape[0]
         k = anchors.shape[0]
         fqn, fqp = np.float32(qn), np.float32(qp)
+        zero = np.float32(0.0)
+        wide = k > LINEAR_MAX
+        slope = np.empty(k + 1, np.float32)
+        a_lo = np.empty(k + 1, np.float32)
+        a_hi = np.empty(k + 1, np.float32)
+        hh = np.empty(k + 1, np.float32)
+        first = np.empty(k + 1, np.int64)
+        for s in range(k + 1):
+            seg = min(max(s - 1, 0), k - 2)
+            a0, a1 = anchors[seg], anchors[seg + 1]
+            h = a1 - a0
+            a_lo[s], a_hi[s], hh[s], first[s] = a0, a1, h * h, 2 + seg
+            slope[s] = np.float32(outer_slope) if s == 0 or s == k else np.float32(1.0) / h
+        qbuf = np.empty(n, np.float32)
+        sbuf = np.empty(n, np.float32)
         for c in prange(max(1, (n + CHUNK - 1) // CHUNK)):
+            start = c * CHUNK
+            stop = min(start + CHUNK, n)
+            src, gsrc, gdst = w[start:stop], grad[start:stop], grad_w[start:stop]
+            counts, places = qbuf[start:stop], sbuf[start:stop]
+            for i in range(stop - start):
+                gdst[i] = min(max((src[i] + beta) / alpha, fqn), fqp)  # u until the loop below
+            if not wide:
+                _counts(gdst, thresholds, True, counts)
+                _counts(gdst, anchors, False, places)
             d_alpha = 0.0
             d_beta = 0.0
-            for i in range(c * CHUNK, min((c + 1) * CHUNK, n)):
-                gi = grad[i]
-                t = (w[i] + beta) / alpha
+            for i in range(stop - start):
+                gi = gsrc[i]
+                t = (src[i] + beta) / alpha
                 inside = t >= fqn and t <= fqp
-                u = min(max(t, fqn), fqp)
-                q = fqn + np.float32(_count_below(u, thresholds))
-                seg = _count_at_most(u, anchors) - 1
+                u = gdst[i]
+                if wide:
+                    q = fqn + np.float32(_count_below(u, thresholds))
+                    s = _count_at_most(u, anchors)
+                else:
+                    q = fqn + counts[i]
+                    s = np.int64(places[i])
                 g_s = gi * alpha  # y = α·(q + ŝ(u) − stopgrad ŝ(u)) − β
-                if seg < 0:
-                    slope = np.float32(outer_slope)
-                    partial[c, 2] -= g_s * outer_slope
-                elif seg >= k - 1:
-                    slope = np.float32(outer_slope)
-                    partial[c, 2 + k - 1] -= g_s * outer_slope
-                else:
-                    a0, a1 = anchors[seg], anchors[seg + 1]
-                    h = a1 - a0
-                    slope = np.float32(1.0) / h
-                    partial[c, 2 + seg] += g_s * ((u - a1) / (h * h))
-                    partial[c, 3 + seg] -= g_s * ((u - a0) / (h * h))
-                if inside:
-                    d = gi * slope
-                    grad_w[i] = d
-                    d_alpha += gi * q - d * t
-                    d_beta += d - gi
-                else:
-                    grad_w[i] = np.float32(0.0)
-                    d_alpha += gi * q
-                    d_beta -= gi
+                outer = g_s * outer_slope
+                inner = s >= 1 and s <= k - 1
+                v0 = np.float64(g_s * ((u - a_hi[s]) / hh[s])) if inner else (-outer if s == 0 else 0.0)
+                v1 = -np.float64(g_s * ((u - a_lo[s]) / hh[s])) if inner else (-outer if s == k else 0.0)
+                partial[c, first[s]] += v0
+                partial[c, first[s] + 1] += v1
+                d = gi * slope[s]
+                gdst[i] = d if inside else zero
+                d_alpha += (gi * q - d * t) if inside else gi * q
+                d_beta += (d - gi) if inside else -gi
             partial[c, 0] = d_alpha
             partial[c, 1] = d_beta
 

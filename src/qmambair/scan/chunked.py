@@ -32,12 +32,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..tracing import capturing_graph
+
 CHUNK = 64
-
-
-def _tracing() -> bool:
-    """True while torch.jit, torch.export/dynamo or the ONNX exporter traces (keep the graph functional)."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
 def _scan_chunk(
@@ -51,7 +48,7 @@ def _scan_chunk(
     ct = C.transpose(-1, -2).unsqueeze(2)
     decay = torch.exp(delta.unsqueeze(-1) * A.unsqueeze(2))  # (b, G, Dg, T, N), in (0, 1] for A <= 0
     x = du.unsqueeze(-1) * bt
-    inplace = not torch.is_grad_enabled() and not _tracing()
+    inplace = not torch.is_grad_enabled() and not capturing_graph()
     o = 1
     while o < length:
         if inplace:  # fewer allocations; each right-hand side is evaluated before it is written
@@ -140,7 +137,7 @@ def selective_scan_chunked(
         tensors = [u4, delta4, A3, B, C] + ([bias3] if bias3 is not None else [])
         checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     # Plain inference writes into one output buffer; autograd and exporters get a functional concatenation.
-    out = u4.new_empty(u4.shape) if not torch.is_grad_enabled() and not _tracing() else None
+    out = u4.new_empty(u4.shape) if not torch.is_grad_enabled() and not capturing_graph() else None
     h = u4.new_zeros(nb, groups, dg, n_state)
     ys = []
     for t0 in range(0, length, chunk):
