@@ -8,7 +8,8 @@
 whose ``log.jsonl`` lies beside it; it is copied to ``light-sr-x<s>-fp.safetensors``. Each ``--qat`` is a
 finished QAT run folder (``model.safetensors`` and ``log.jsonl``) that started from that float model (its
 start file, named in its log, must be present: it is compared tensor by tensor); it is packed to
-``light-sr-x<s>-<method>-w<b>a<b>.qmb``. Every model gets a card (``model_card.py``): data, budget, start,
+``light-sr-x<s>-<method>-w<b>a<b>.qmb``. ``--float-start TEXT`` describes where the float run started when
+that was not a shipped model (otherwise read from git). Every model gets a card (``model_card.py``): data, budget, start,
 machine, wall time and test PSNR/SSIM, all read from the run logs; a float run that continued an earlier
 shipped model names the commit and budget of that model from its card in git. Existing files are replaced
 only with ``--overwrite``.
@@ -106,7 +107,7 @@ def command_text(run: Path) -> str:
             f"benchmarks/ship_campaign.py {args}` at commit `{commit}`")
 
 
-def ship_float(source: Path, dest: Path, preset: str, note: str) -> None:
+def ship_float(source: Path, dest: Path, preset: str, note: str, start: str = "") -> None:
     events = card.read_log(source.parent / "log.jsonl")
     cfg = card.run_config(events)
     step = weights_step(source, events)
@@ -118,7 +119,7 @@ def ship_float(source: Path, dest: Path, preset: str, note: str) -> None:
         ("training photos", card.photo_licences()),
         ("degradation", f"MATLAB bicubic ×{preset.rsplit('x', 1)[-1]}"),
         ("budget", f"{card.budget_text(cfg, last)}; the weights of step {step:,}{best}"),
-        ("starts from", earlier_model(cfg.get("init", ""), events[0]["time"])),
+        ("starts from", start or earlier_model(cfg.get("init", ""), events[0]["time"])),
         ("command", command_text(source.parent)),
         ("machine", machine_text(events, cfg, note)),
         ("wall time", f"{seconds / 60:.1f} min (this stage)"),
@@ -186,6 +187,8 @@ def main() -> None:
     p.add_argument("--qat", type=Path, action="append", default=[], metavar="RUN")
     p.add_argument("--machine", action="append", default=[], metavar="RUN=TEXT",
                    help="the machine of a run (its folder as given) whose log does not record one")
+    p.add_argument("--float-start", default="", metavar="TEXT",
+                   help="what the float run started from, for its card, when its init is not a shipped model")
     p.add_argument("--dest", type=Path, default=WEIGHTS)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()
@@ -211,7 +214,7 @@ def main() -> None:
             if path.exists() and not args.overwrite:
                 fail(f"{path} exists; pass --overwrite to replace it")
     args.dest.mkdir(parents=True, exist_ok=True)
-    ship_float(args.float_model, float_dest, preset, notes.get(str(args.float_model.parent), ""))
+    ship_float(args.float_model, float_dest, preset, notes.get(str(args.float_model.parent), ""), args.float_start)
     print(f"{float_dest}")
     for run, dest in targets.items():
         ship_qat(run, dest, float_dest, notes.get(str(run), ""))

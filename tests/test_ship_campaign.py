@@ -105,6 +105,12 @@ def test_campaign_models_ship_with_cards_and_never_silently_replace(env, modules
         assert f"{packed.stat().st_size / fp.stat().st_size:.3f}× the float32 file" in qcard
         assert "CPU " in qcard  # the trainer records the machine in the log
 
+    assert "| starts from | random init |" in card
+    start = "`hand.safetensors`: a start made by hand"
+    code, err = ship(modules, monkeypatch, capsys, *args, "--float-start", start, "--overwrite")
+    assert code == 0, err
+    assert f"| starts from | {start} |" in (dest / "light-sr-x4-fp.md").read_text()
+
     before = {p.name: p.read_bytes() for p in dest.iterdir()}
     code, err = ship(modules, monkeypatch, capsys, *args)
     assert code == 1 and "exists; pass --overwrite" in err and len(err.strip().splitlines()) == 1
