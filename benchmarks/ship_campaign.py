@@ -8,11 +8,10 @@
 whose ``log.jsonl`` lies beside it; it is copied to ``light-sr-x<s>-fp.safetensors``. Each ``--qat`` is a
 finished QAT run folder (``model.safetensors`` and ``log.jsonl``) that started from that float model (its
 start file, named in its log, must be present: it is compared tensor by tensor); it is packed to
-``light-sr-x<s>-<method>-w<b>a<b>.qmb``. ``--float-start TEXT`` describes where the float run started when
-that was not a shipped model (otherwise read from git). Every model gets a card (``model_card.py``): data, budget, start,
+``light-sr-x<s>-<method>-w<b>a<b>.qmb``. Every model gets a card (``model_card.py``): data, budget, start,
 machine, wall time and test PSNR/SSIM, all read from the run logs; a float run that continued an earlier
-shipped model names the commit and budget of that model from its card in git. Existing files are replaced
-only with ``--overwrite``.
+shipped model names the commit and budget of that model from its card in git, and ``--float-start TEXT``
+describes the start of one that did not. Existing files are replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -214,7 +213,8 @@ def main() -> None:
             if path.exists() and not args.overwrite:
                 fail(f"{path} exists; pass --overwrite to replace it")
     args.dest.mkdir(parents=True, exist_ok=True)
-    ship_float(args.float_model, float_dest, preset, notes.get(str(args.float_model.parent), ""), args.float_start)
+    float_note = notes.get(str(args.float_model.parent), "")
+    ship_float(args.float_model, float_dest, preset, float_note, args.float_start)
     print(f"{float_dest}")
     for run, dest in targets.items():
         ship_qat(run, dest, float_dest, notes.get(str(run), ""))

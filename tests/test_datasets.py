@@ -273,3 +273,29 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not list(out.glob(".*.tmp")) and not (out / "model.safetensors").exists()
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["event"] == "diverged"
+
+
+def test_validation_counts_non_finite_outputs_instead_of_failing(tmp_path):
+    from qmambair.train.validate import evaluate
+
+    folder = make_folder(tmp_path / "d", n=3, size=48)
+    deg = Degradation("bicubic", scale=2)
+    samples, _ = load_samples(find_pairs(folder, 2), deg, 3)
+    images = EvalImages(samples, deg)
+
+    class Upsample(torch.nn.Module):  # bicubic-like output; inf on the image whose first pixel is brightest
+        def __init__(self, poison: bool):
+            super().__init__()
+            self.poison = poison
+
+        def forward(self, x):
+            y = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+            if self.poison and x[0, 0, 0, 0] == max(img[1][0, 0, 0] for img in images):
+                y[..., 3, 3] = float("inf")
+            return y
+
+    good = evaluate(Upsample(False), images, baseline=True)
+    assert np.isfinite(good["psnr"]) and "nonfinite" not in good and good["n"] == 3
+    bad = evaluate(Upsample(True), images, baseline=True)
+    assert np.isnan(bad["psnr"]) and np.isnan(bad["ssim"]) and bad["nonfinite"] == 1 and bad["n"] == 3
+    assert bad["psnr_base"] == good["psnr_base"]  # the baseline is still measured

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -298,7 +299,7 @@ class Trainer:
             self.metrics.update(psnr_base=result["psnr_base"], ssim_base=result["ssim_base"])
         self.metrics.update(psnr=result["psnr"], ssim=result["ssim"], val_step=self.step)
         best = self.metrics.get("best_psnr")
-        if best is None or result["psnr"] > best:
+        if math.isfinite(result["psnr"]) and (best is None or result["psnr"] > best):
             self.metrics.update(best_psnr=result["psnr"], best_ssim=result["ssim"], best_step=self.step)
             if self.info.is_main:
                 atomic_save(training_checkpoint(D.unwrap(self.model), self.cfg.to_dict(), self.step,

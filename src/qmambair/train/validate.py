@@ -44,13 +44,16 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean ``psnr``/``ssim`` over ``images`` (with ``baseline`` also ``psnr_base``/``ssim_base``) and ``n``.
 
-    ``model`` is put in eval mode and back. ``tile`` > 0 runs inputs larger than it with MambaIR tiling.
+    ``model`` is put in eval mode and back. ``tile`` > 0 runs inputs larger than it with MambaIR tiling. An
+    output with NaN or inf values (a model that is unstable on full-size images, e.g. a quantized scan input
+    that turned a decay into growth) is a result, not an error: it counts in ``nonfinite`` and makes the mean
+    PSNR and SSIM NaN.
     """
     info = info or DistInfo()
     crop, y_channel = metric_settings(images.degradation)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # psnr, ssim, base psnr, base ssim, count
+    sums = torch.zeros(6, dtype=torch.float64)  # psnr, ssim, base psnr, base ssim, count, non-finite
     try:
         for i in range(info.rank, len(images), info.world):
             _, lq, hr = images[i]
@@ -59,9 +62,13 @@ def evaluate(
                 out = restore_tiled(model, x, mode="mambair", tile=tile)
             else:
                 out = model(x)
-            out = out[0].float().clamp(0, 1).cpu()
-            sums[0] += psnr(out, hr, crop, y_channel)
-            sums[1] += ssim(out, hr, crop, y_channel)
+            out = out[0].float().cpu()
+            if torch.isfinite(out).all():
+                out = out.clamp(0, 1)
+                sums[0] += psnr(out, hr, crop, y_channel)
+                sums[1] += ssim(out, hr, crop, y_channel)
+            else:
+                sums[5] += 1
             if baseline:
                 base = baseline_output(lq, images.degradation)
                 sums[2] += psnr(base, hr, crop, y_channel)
@@ -72,6 +79,8 @@ def evaluate(
     sums = all_reduce_sum(sums.to(info.device)).cpu()  # nccl needs the tensor on the GPU
     n = max(int(sums[4].item()), 1)
     result = {"psnr": sums[0].item() / n, "ssim": sums[1].item() / n, "n": int(sums[4].item())}
+    if sums[5] > 0:
+        result.update(psnr=float("nan"), ssim=float("nan"), nonfinite=int(sums[5].item()))
     if baseline:
         result.update(psnr_base=sums[2].item() / n, ssim_base=sums[3].item() / n)
     return result
