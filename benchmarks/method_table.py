@@ -4,7 +4,8 @@ Every ``--model LABEL=PATH`` (a model file, or a run folder standing for its ``m
 model (``--float``) and bicubic are scored with ``qmambair test``'s code on the sets of
 ``benchmarks/margin_table.py`` (the built-in images, 192-px centre crops, and the photo pool's test split,
 256-px centre crops; Y PSNR, border = scale). Each model's row gives its mean PSNR per set and its difference
-to the float model with a 95 % interval over images (paired per image).
+to the float model with a 95 % interval over images (paired per image). A model whose output has NaN or inf
+values on some images (unstable on inputs of that size) is reported as diverging on that set.
 
     python benchmarks/method_table.py --scale 4 --threads 2 \\
         --float campaign/x4-fp3/best-step3000.safetensors \\
@@ -16,6 +17,7 @@ to the float model with a 95 % interval over images (paired per image).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -37,16 +39,23 @@ def parse_model(text: str) -> tuple[str, Path]:
 
 
 def rows_for(scores: dict[str, dict[str, list[float]]], float_label: str) -> list[dict]:
-    """One row per model (in the order given): mean PSNR per set, difference to the float model ± 95 %."""
+    """One row per model (in the order given): mean PSNR per set, difference to the float model ± 95 %, and
+    how many images the model's output had NaN or inf values on (scored NaN; then mean and difference are
+    not defined)."""
     rows = []
     for label, per_set in scores.items():
         row: dict = {"label": label}
         for name, _ in SETS:
             key = name.lstrip("@")
-            row[key] = statistics.fmean(per_set[name])
-            row[key + "_images"] = len(per_set[name])
+            values = per_set[name]
+            row[key + "_images"] = len(values)
+            row[key + "_nonfinite"] = sum(math.isnan(v) for v in values)
+            if row[key + "_nonfinite"]:
+                row[key], row[key + "_diff"] = math.nan, None
+                continue
+            row[key] = statistics.fmean(values)
             is_float = label == float_label
-            row[key + "_diff"] = None if is_float else paired(per_set[name], scores[float_label][name])
+            row[key + "_diff"] = None if is_float else paired(values, scores[float_label][name])
         rows.append(row)
     return rows
 
@@ -58,7 +67,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells = []
         for s in sets:
-            diff = r[s + "_diff"]
+            diff, unstable = r[s + "_diff"], r[s + "_nonfinite"]
+            if unstable:
+                cells += [f"diverges (NaN/inf output on {unstable} of {r[s + '_images']} images)", "—"]
+                continue
             cells += [f"{r[s]:.3f}", "—" if diff is None else f"{diff[0]:+.3f} ± {diff[1]:.3f}"]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

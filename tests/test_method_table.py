@@ -42,3 +42,15 @@ def test_a_model_argument_without_a_label_or_file_is_one_clear_error(method_tabl
         method_table.parse_model("runs/x")
     with pytest.raises(SystemExit, match="does not exist"):
         method_table.parse_model(f"x={tmp_path}")  # a folder without model.safetensors
+
+
+def test_a_model_with_nan_or_inf_outputs_is_reported_as_diverging(method_table):
+    scores = {
+        "float": {"@builtin": [29.0, 31.0], "@pool": [39.0, 38.0]},
+        "unstable": {"@builtin": [28.5, math.nan], "@pool": [38.9, 37.8]},  # NaN: score_test_set's NaN/inf
+    }
+    rows = method_table.rows_for(scores, "float")
+    assert rows[1]["builtin_nonfinite"] == 1 and rows[1]["builtin_diff"] is None
+    assert rows[1]["pool_diff"][0] == pytest.approx(-0.15)
+    text = method_table.table(rows)
+    assert "| unstable | diverges (NaN/inf output on 1 of 2 images) | — | 38.350 | -0.150 ± " in text

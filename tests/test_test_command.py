@@ -431,3 +431,23 @@ def test_pool_set_needs_the_fetched_pool(tmp_path, sr_model, monkeypatch, capsys
     one_error_line(capsys, "qmambair data fetch")
     assert qtest("-m", sr_model, "@nothing") == 1
     one_error_line(capsys, "@builtin", "@pool")
+
+
+def test_an_unstable_model_is_scored_nan_with_a_warning_not_a_crash(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build_model("light-sr-x2", **TINY)
+    with torch.no_grad():
+        model.upsample[0].bias[0] = float("inf")  # one sub-pixel of the red channel becomes inf
+    path = str(save_model(model, tmp_path / "unstable.safetensors"))
+    images = make_edsr_set(tmp_path / "Set5", [(20, 24), (18, 22)])
+    out, out_csv = tmp_path / "sr", tmp_path / "r.csv"
+    assert qtest("-m", path, str(tmp_path / "Set5"), "--out", str(out), "--csv", str(out_csv)) == 0
+    err = capsys.readouterr().err
+    assert "NaN or inf values on 2 of 2 images" in err and "Traceback" not in err
+    got = read_csv(out_csv)
+    assert len(got) == 3 and all(np.isnan(v) for pair in got.values() for v in pair)
+    for name, (_, lr) in images.items():
+        raw = run_model(path, lr / 255.0)
+        assert not np.isfinite(raw).all()
+        saved = np.asarray(Image.open(out / "Set5" / name))
+        np.testing.assert_array_equal(saved, to_8bit(np.nan_to_num(raw, nan=0.0, posinf=1.0, neginf=0.0)))

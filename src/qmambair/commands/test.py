@@ -34,6 +34,7 @@ def run_test(args: argparse.Namespace) -> int:
         find_test_sets,
         format_table,
         model_degradation,
+        nonfinite_count,
         score_test_set,
         write_scores_csv,
     )
@@ -74,6 +75,9 @@ def run_test(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(format_table(scores, {s.name: s.lr_source for s in sets}))
+    if unstable := nonfinite_count(scores):
+        print(f"warning: the model's output has NaN or inf values on {unstable} of {len(scores)} images; "
+              "they are scored nan (the model is unstable on inputs this size)", file=sys.stderr)
     if csv_path:
         write_scores_csv(csv_path, scores, overwrite=args.overwrite)
         print(f"wrote {csv_path}" + (f" and the restored images under {args.out}" if args.out else ""))

@@ -58,6 +58,7 @@ __all__ = [
     "output_path",
     "check_outputs",
     "score_test_set",
+    "nonfinite_count",
     "summarize",
     "format_table",
     "write_scores_csv",
@@ -300,7 +301,8 @@ def score_test_set(
 ) -> list[ImageScore]:
     """Restore and score every image of ``test_set`` (or its centre crop of ``centre_crop`` target pixels);
     with ``out_dir``, also write each output as 8-bit PNG (the image that was scored). ``progress`` is called
-    after each image."""
+    after each image. An output with NaN or inf values (a model unstable on full-size images) is scored
+    PSNR = SSIM = NaN, and its picture is written with NaN as 0 and ±inf as 1/0."""
     channels = model_channels(model)
     run = partial(restore, model, tile=tile, mode=tile_mode, device=device)
     protect = sorted(_inputs([test_set]))
@@ -311,8 +313,13 @@ def score_test_set(
         if out.shape != hr.shape:
             raise ValueError(f"{pair[0]}: the model made {out.shape[1]}x{out.shape[0]} from an input of "
                              f"{lq.shape[1]}x{lq.shape[0]}, expected {hr.shape[1]}x{hr.shape[0]}")
-        score = ImageScore(test_set.name, test_set.image_name(pair[0]),
-                           psnr(out, hr, crop_border, y_channel), ssim(out, hr, crop_border, y_channel))
+        name = test_set.image_name(pair[0])
+        if np.all(np.isfinite(out)):
+            score = ImageScore(test_set.name, name, psnr(out, hr, crop_border, y_channel),
+                               ssim(out, hr, crop_border, y_channel))
+        else:  # an unstable model's result, not an error: scored NaN (see ``nonfinite_count``)
+            score = ImageScore(test_set.name, name, math.nan, math.nan)
+            out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
         if out_dir is not None:
             write_image(output_path(out_dir, test_set, pair[0]), np.clip(out, 0.0, 1.0), overwrite=overwrite,
                         protect=protect)
@@ -320,6 +327,11 @@ def score_test_set(
         if progress is not None:
             progress(score)
     return scores
+
+
+def nonfinite_count(scores: Sequence[ImageScore]) -> int:
+    """How many of ``scores`` are of outputs with NaN or inf values (scored NaN by ``score_test_set``)."""
+    return sum(math.isnan(s.psnr) for s in scores)
 
 
 def summarize(scores: Sequence[ImageScore]) -> list[tuple[str, int, float, float]]:
