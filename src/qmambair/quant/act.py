@@ -28,7 +28,7 @@ class ActQuant(Quantizer):
         self.step.copy_(step.clamp_min(MIN_STEP))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        qn, qp = self.qn, self.qp
+        qn, qp = self.bounds
         if use_fused(x):
             return affine_quant(x, self.step, self.offset, qn, qp, MIN_STEP, lsq_grad_factor(x.numel(), qp))
         s = grad_scale(self.step, lsq_grad_factor(x.numel(), qp)).clamp_min(MIN_STEP)

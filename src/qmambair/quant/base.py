@@ -51,6 +51,17 @@ def ste_clamp(x: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | f
     return torch.minimum(torch.maximum(x, low_t), high_t)
 
 
+def state_versions(module: nn.Module) -> tuple[int, ...]:
+    """The version counters of ``module``'s parameters and buffers, which in-place updates (optimiser steps,
+    ``load_state_dict``, ``fill_``) advance: part of the keys of the inference caches. Read from the module's
+    own dictionaries (a quantizer has no submodules), which costs a fraction of a ``parameters()`` walk."""
+    if module._modules:
+        tensors = (*module.parameters(), *module.buffers())
+    else:
+        tensors = (*module._parameters.values(), *module._buffers.values())
+    return tuple(t._version for t in tensors if t is not None)
+
+
 class Quantizer(nn.Module):
     """Base of all quantizers: bit-width, signedness and first-call initialisation kept in buffers.
 
@@ -89,6 +100,11 @@ class Quantizer(nn.Module):
     @property
     def qp(self) -> float:
         return qrange(self.bits, self.is_signed)[1]
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(Qn, Qp) in one call (each of ``qn`` and ``qp`` reads the ``signed`` buffer)."""
+        return qrange(self.bits, self.is_signed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
@@ -134,10 +150,7 @@ class WeightQuantizer(Quantizer):
         self._cached: tuple[tuple, torch.Tensor] | None = None
 
     def _cache_key(self, w: torch.Tensor) -> tuple:
-        own = [t._version for t in self.parameters(recurse=False)] + [
-            t._version for t in self.buffers(recurse=False)
-        ]
-        return (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, tuple(own))
+        return (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, state_versions(self))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         graph = torch.is_grad_enabled() and (

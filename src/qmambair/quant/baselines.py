@@ -35,8 +35,8 @@ class LSQ(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused(x):
-            g = lsq_grad_factor(x.numel(), self.qp)
-            return affine_quant(x, self.step, None, self.qn, self.qp, MIN_STEP, g)
+            qn, qp = self.bounds
+            return affine_quant(x, self.step, None, qn, qp, MIN_STEP, lsq_grad_factor(x.numel(), qp))
         s = self._step(x)
         return s * round_ste(torch.clamp(x / s, self.qn, self.qp))
 

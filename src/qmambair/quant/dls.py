@@ -111,7 +111,8 @@ class DLS(Quantizer):
 
     def _consts(self, numel: int) -> DLSConsts:
         """The fused kernels' constants for groups of ``numel`` elements."""
-        return DLSConsts(self.bits, self.qn, self.qp, lsq_grad_factor(numel, self.qp), VAR_FLOOR, MIN_DELTA)
+        qn, qp = self.bounds
+        return DLSConsts(self.bits, qn, qp, lsq_grad_factor(numel, qp), VAR_FLOOR, MIN_DELTA)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(self._groups(x), -1)

@@ -172,8 +172,7 @@ def affine_quant(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor | Non
     x = x.contiguous()
     if _needs_graph(x, step, *([] if offset is None else [offset])):
         return _AffineQuant.apply(x, step, offset, qn, qp, floor, gscale)
-    with torch.no_grad():
-        return _AffineQuant.forward(_NoCtx(), x, step, offset, qn, qp, floor, gscale)
+    return _AffineQuant.forward(_NoCtx(), x, step, offset, qn, qp, floor, gscale)  # no graph to record
 
 
 # ------------------------------------------------------------------------------------------------ DLS
@@ -304,8 +303,7 @@ def dls_quant(x2: torch.Tensor, v: torch.Tensor, w: torch.Tensor, consts: DLSCon
     x2 = x2.contiguous()
     if _needs_graph(x2, v, w):
         return _DLSQuant.apply(x2, v, w, consts)
-    with torch.no_grad():
-        return _DLSQuant.forward(_NoCtx(), x2, v, w, consts)
+    return _DLSQuant.forward(_NoCtx(), x2, v, w, consts)  # no graph to record
 
 
 # ------------------------------------------------------------------------------------------------ RFA

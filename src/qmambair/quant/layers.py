@@ -17,7 +17,7 @@ from ..models.ss2d import Projection, ScanOp
 from ..scan import resolve_backend
 from ..scan.load_quant import LoadQuant
 from .affine_params import affine_params
-from .base import Quantizer
+from .base import Quantizer, state_versions
 from .fused import use_fused
 
 SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
@@ -129,7 +129,7 @@ class QScan(ScanOp):
         q = self.quantizer(name)
         if name not in self.CONSTANT_INPUTS or torch.is_grad_enabled() or self.training:
             return q(t)
-        key = (tuple(t.shape), t.dtype, t.device, tuple(x._version for x in (*q.parameters(), *q.buffers())))
+        key = (tuple(t.shape), t.dtype, t.device, state_versions(q))
         kept = self._constants.get(name)
         if kept is not None and kept[0] == key and torch.equal(kept[1], t):
             return kept[2]
