@@ -13,6 +13,8 @@ repeat runs every case once, in turn, on the same inputs; the table gives median
 fused kernels (``qmambair.quant.fused``), so the speed-up of the kernels is measured side by side too.
 ``--load-quant-ab`` adds, for each fresh quantized model, fused inference with u and Δ quantized before the
 scan instead of by the scan as it reads them (docs/method.md §3.8), so that change is measured side by side.
+``--levels-ab`` adds every quantized case once more with the scan computing every decay exp(δ·A) instead
+of looking it up for Δ's at most 4 levels (docs/method.md §2.2), so the table is measured side by side.
 ``--denormals-ab`` adds every case once more with IEEE subnormal arithmetic in the fused scan (its kernels
 flush subnormal numbers to zero otherwise, ``qmambair.scan.cpu``), so what that mode saves is measured side by
 side.
@@ -120,9 +122,33 @@ def build_cases(args: argparse.Namespace) -> tuple[Cases, Cases]:
                             model(image)
 
                     infer_cases[f"{name}.qmb ({kernel})"] = infer_packed
+    if args.levels_ab:
+        train_cases, infer_cases = with_computed_decays(train_cases), with_computed_decays(infer_cases)
     if args.denormals_ab:
         train_cases, infer_cases = with_ieee_variants(train_cases), with_ieee_variants(infer_cases)
     return train_cases, infer_cases
+
+
+def with_computed_decays(cases: Cases) -> Cases:
+    """Each case, then (quantized cases) the same with the scan's decay table off (QScan passes no levels)."""
+    from qmambair.quant.layers import QScan
+
+    out: Cases = {}
+    for name, fn in cases.items():
+        out[name] = fn
+        if name == "float":
+            continue
+
+        def computed(fn=fn) -> None:
+            real = QScan._delta_levels
+            QScan._delta_levels = lambda self, delta, grid: None
+            try:
+                fn()
+            finally:
+                QScan._delta_levels = real
+
+        out[f"{name}, decays computed"] = computed
+    return out
 
 
 def with_ieee_variants(cases: Cases) -> Cases:
@@ -235,6 +261,8 @@ def main() -> None:
     p.add_argument("--no-train", action="store_true", help="time inference only")
     p.add_argument("--load-quant-ab", action="store_true",
                    help="also time fused inference with u and Δ quantized before the scan, not inside it")
+    p.add_argument("--levels-ab", action="store_true",
+                   help="also time every quantized case with the scan's decay table off")
     p.add_argument("--denormals-ab", action="store_true",
                    help="also time every case with IEEE subnormal arithmetic in the scan")
     p.add_argument("--pair", action="store_true", help="two copies side by side, one thread each")

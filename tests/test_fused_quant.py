@@ -482,3 +482,60 @@ def test_per_group_scalars_broadcast_one_value_and_refuse_a_wrong_count():
     assert _f32(torch.tensor([[1.0], [4.0]]).numpy(), 2).tolist() == [1.0, 4.0]
     with pytest.raises(ValueError, match="expected 1 or 4 values, got 3"):
         _f32(np.ones(3), 4)
+
+
+@pytest.mark.parametrize("method, per_sample", [("qmambair", False), ("qmambair", True), ("lsq", False)])
+def test_two_bit_delta_scans_look_their_decays_up_with_the_same_training_step(monkeypatch, method,
+                                                                              per_sample):
+    """With a 2-bit Δ QScan hands the scan Δ's four levels; the scan looks exp(δ·A) up for them. The
+    training step (output and every gradient) and inference must be those of computing every decay."""
+    import qmambair.scan.cpu as scan_cpu
+    from qmambair.models.presets import build_model
+    from qmambair.quant import QuantConfig, quantize_model
+    from qmambair.quant.layers import QScan
+
+    torch.manual_seed(0)
+    model = build_model("light-sr-x4", embed_dim=12, depths=(1, 1), d_state=4)
+    model = quantize_model(model, QuantConfig(method=method, bits=2, dls_per_sample=per_sample)).train()
+    lr, hr = torch.rand(2, 3, 12, 12, generator=_gen(0)), torch.rand(2, 3, 48, 48, generator=_gen(1))
+    with torch.no_grad():
+        model(lr)  # initialises the quantizers
+
+    def step() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same drop-path draws for both runs
+        out = model(lr)
+        (out - hr).abs().mean().backward()
+        return [out.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    looked_up = step()
+    assert scan_cpu.decay_lookups()["forward"] == scan_cpu.decay_lookups()["forward"][:1] * 2  # all tiles
+    assert scan_cpu.decay_lookups()["backward"][0] == scan_cpu.decay_lookups()["backward"][1] > 0
+    model.eval()
+    with torch.no_grad():
+        infer_looked_up = model(lr)
+    assert scan_cpu.decay_lookups()["forward"][0] > 0
+    monkeypatch.setattr(QScan, "_delta_levels", lambda self, delta, grid: None)
+    model.train()
+    computed = step()
+    assert scan_cpu.decay_lookups()["forward"][0] == 0
+    assert len(looked_up) == len(computed) > 10
+    assert all(torch.equal(a, b) for a, b in zip(looked_up, computed, strict=True))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(lr), infer_looked_up)
+
+
+def test_a_four_bit_delta_has_too_many_levels_for_the_table():
+    from qmambair.models.presets import build_model
+    from qmambair.quant import QuantConfig, quantize_model
+    from qmambair.quant.layers import QScan
+
+    for bits, expect in ((4, None), (2, (1, 4))):
+        model = build_model("light-sr-x4", embed_dim=12, depths=(1,), d_state=4)
+        q = quantize_model(model, QuantConfig(method="lsq", bits=bits)).train()
+        with torch.no_grad():
+            q(torch.rand(1, 3, 8, 8, generator=_gen(0)))
+        scan = next(m for m in q.modules() if isinstance(m, QScan))
+        levels = scan._delta_levels(torch.rand(1, 4, 5), None)
+        assert (levels if levels is None else tuple(levels.shape)) == expect

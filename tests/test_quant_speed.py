@@ -41,7 +41,8 @@ def test_inference_cases_keep_their_weight_cache_across_training_steps(quant_spe
     from qmambair.quant.base import WeightQuantizer
 
     args = argparse.Namespace(scale=4, bits=2, batch=1, lr_size=8, infer_size=8, methods="fp,lsq",
-                              quant_kernels="fused", packed="", load_quant_ab=False, denormals_ab=False)
+                              quant_kernels="fused", packed="", load_quant_ab=False, denormals_ab=False,
+                              levels_ab=False)
     train_cases, infer_cases = quant_speed.build_cases(args)
     infer = infer_cases["lsq (fused)"]
     model = infer.__defaults__[0]
@@ -53,3 +54,21 @@ def test_inference_cases_keep_their_weight_cache_across_training_steps(quant_spe
     again = [m._cached[1] for m in model.modules() if isinstance(m, WeightQuantizer)]
     assert all(a is b for a, b in zip(cached, again, strict=True))
     assert model is not train_cases["lsq (fused)"].__defaults__[0]
+
+
+def test_levels_ab_times_each_quantized_case_with_the_decays_computed(quant_speed):
+    pytest.importorskip("numba")
+    from qmambair.scan import cpu as scan_cpu
+
+    args = argparse.Namespace(scale=4, bits=2, batch=1, lr_size=8, infer_size=8, methods="fp,lsq",
+                              quant_kernels="fused", packed="", load_quant_ab=False, denormals_ab=False,
+                              levels_ab=True)
+    train_cases, infer_cases = quant_speed.build_cases(args)
+    assert list(infer_cases) == ["float", "lsq (fused)", "lsq (fused), decays computed"]
+    infer_cases["lsq (fused)"]()
+    looked, tiles = scan_cpu.decay_lookups()["forward"]
+    assert looked == tiles > 0
+    infer_cases["lsq (fused), decays computed"]()
+    assert scan_cpu.decay_lookups()["forward"][0] == 0
+    infer_cases["lsq (fused)"]()  # the A/B variant put QScan back as it was
+    assert scan_cpu.decay_lookups()["forward"][0] > 0

@@ -87,6 +87,7 @@ CASES = {
     "batch3-z-only": dict(batch=3, length=64, D=False, bias=False),
     "D-no-softplus": dict(batch=2, groups=2, per_group=4, length=65, z=False, softplus=False),
     "split-channel-blocks": dict(batch=1, groups=1, per_group=40, n=16, length=90),
+    "several-tiles": dict(batch=1, groups=2, per_group=5, n=4, length=600),  # forward tiles: 256, 256, 88
 }
 
 
@@ -346,3 +347,90 @@ def test_load_quant_is_for_inference_only():
     bad = scan.LoadQuant(torch.ones(3), torch.zeros(()), torch.zeros(()), torch.ones(()), -2.0, 1.0)
     with pytest.raises(ValueError, match="3 values for a batch of 2"):
         bad.rows(2)
+
+
+# ------------------------------------------------------------------------ decay table for a quantized Δ
+LEVELS = torch.tensor([[-0.5, 0.25, 0.75, 1.5], [-1.0, -0.125, 0.5, 2.0]])  # exact in float32 and float64
+
+
+def _on_levels(ins: dict, levels: torch.Tensor, seed: int = 7) -> dict:
+    """``ins`` with delta drawn from each sample's levels (a 2-bit quantizer's output)."""
+    b, dp, length = ins["delta"].shape
+    codes = torch.randint(0, levels.shape[1], (b, dp, length), generator=torch.Generator().manual_seed(seed))
+    rows = levels.expand(b, -1).double()
+    return dict(ins, delta=torch.gather(rows, 1, codes.reshape(b, -1)).reshape(b, dp, length))
+
+
+def _cpu_run(ins: dict, **kw) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return run(scan._cpu_module().selective_scan_cpu, ins, torch.float32,
+               torch.randn(ins["u"].shape, generator=g, dtype=torch.float64), **kw)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="needs numba")
+@pytest.mark.parametrize("softplus", [True, False])
+def test_delta_levels_look_the_decays_up_with_the_same_result_bit_for_bit(softplus):
+    cpu = scan._cpu_module()
+    levels = LEVELS if softplus else LEVELS.abs()  # without softplus delta + bias must stay >= 0
+    ins = _on_levels(make_inputs(batch=2, groups=2, per_group=20, n=4, length=600, softplus=softplus), levels)
+    computed = _cpu_run(ins)
+    assert cpu.decay_lookups() == {"forward": (0, 4 * 3), "backward": (0, 4 * 10)}
+    looked_up = _cpu_run(ins, delta_levels=levels)
+    assert cpu.decay_lookups() == {"forward": (12, 12), "backward": (40, 40)}  # every tile, both kernels
+    assert set(looked_up) == set(computed)
+    for key in computed:
+        assert torch.equal(looked_up[key], computed[key]), key
+    assert_close_to_ref(ins, "cpu", delta_levels=levels)  # and both agree with the float64 loop
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="needs numba")
+def test_a_value_off_the_levels_is_computed_in_its_tile_only():
+    cpu = scan._cpu_module()
+    ins = _on_levels(make_inputs(batch=2, groups=2, per_group=20, n=4, length=600), LEVELS)
+    ins["delta"][1, 3, 300] += 1e-3  # sample 1, group 0: forward tile 1, backward chunk 4
+    looked_up = _cpu_run(ins, delta_levels=LEVELS)
+    assert cpu.decay_lookups() == {"forward": (11, 12), "backward": (39, 40)}
+    computed = _cpu_run(ins)
+    for key in computed:
+        assert torch.equal(looked_up[key], computed[key]), key
+    three = _cpu_run(ins, delta_levels=LEVELS[:, :3])  # the fourth level missing: its tiles are computed
+    assert cpu.decay_lookups()["forward"][0] < 11
+    for key in computed:
+        assert torch.equal(three[key], computed[key]), key
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="needs numba")
+def test_delta_levels_with_quantization_on_load():
+    cpu = scan._cpu_module()
+    ins = make_inputs(batch=2, groups=2, per_group=20, n=4, length=300)
+    args = {k: (ins[k].float() if ins[k] is not None else None) for k in NAMES}
+    inf = math.inf  # 2 bits, per sample, a clip on sample 0
+    d_q = scan.LoadQuant(torch.tensor([0.3, 0.2]), torch.tensor([0.05, -0.1]), torch.tensor([-0.5, -inf]),
+                         torch.tensor([0.4, inf]), -2.0, 1.0)
+    with torch.no_grad():
+        plain = selective_scan(**args, delta_softplus=True, backend="cpu", delta_quant=d_q)
+        fast = selective_scan(**args, delta_softplus=True, backend="cpu", delta_quant=d_q,
+                              delta_levels=d_q.levels())
+    assert cpu.decay_lookups()["forward"] == (8, 8)
+    assert torch.equal(fast, plain)
+
+
+def test_load_quant_levels_are_the_values_the_map_outputs():
+    u_q, d_q = load_quants()
+    ramp = torch.linspace(-4, 4, 4001).expand(2, -1)
+    for q in (u_q, d_q):
+        by_hand = quantize_by_hand(ramp, *q)  # the oracle's outputs over the whole range
+        levels = q.levels()
+        assert levels.shape == (q.step.numel(), int(q.qp - q.qn) + 1)
+        for i in range(2):
+            row = levels[min(i, levels.shape[0] - 1)]
+            assert set(torch.unique(by_hand[i]).tolist()) == set(row.tolist())
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="needs numba")
+def test_delta_levels_of_a_wrong_shape_are_refused():
+    ins = make_inputs(batch=2, groups=1, per_group=2, n=2, length=5)
+    args = {k: (ins[k].float() if ins[k] is not None else None) for k in NAMES}
+    for bad in (torch.zeros(2, 5), torch.zeros(3, 4), torch.zeros(4)):
+        with pytest.raises(ValueError, match="delta_levels must have shape"):
+            selective_scan(**args, delta_softplus=True, backend="cpu", delta_levels=bad)

@@ -46,8 +46,9 @@ def export_scan(max_chunk: int = EXPORT_CHUNK) -> Iterator[None]:
 
     def scan(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
-        u_quant=None, delta_quant=None,
+        u_quant=None, delta_quant=None, delta_levels=None,
     ):  # fmt: skip
+        del delta_levels  # a speed hint of the fused CPU scan
         u, delta = quantize_before_scan(u, delta, u_quant, delta_quant)
         return selective_scan_chunked(
             u,

@@ -35,7 +35,8 @@ class Projection(nn.Module):
 
 class ScanOp(nn.Module):
     """The selective scan with softplus on delta; A is already -exp(A_logs). ``u_quant`` / ``delta_quant``:
-    fake quantization of u / delta applied by the scan as it reads them (inference only)."""
+    fake quantization of u / delta applied by the scan as it reads them (inference only); ``delta_levels``:
+    the values a quantized delta takes, a speed hint (``qmambair.scan.selective_scan``)."""
 
     def forward(
         self,
@@ -48,9 +49,11 @@ class ScanOp(nn.Module):
         delta_bias: torch.Tensor,
         u_quant: LoadQuant | None = None,
         delta_quant: LoadQuant | None = None,
+        delta_levels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        loads = {"u_quant": u_quant, "delta_quant": delta_quant} if u_quant or delta_quant else {}
-        return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True, **loads)
+        hints = {"u_quant": u_quant, "delta_quant": delta_quant, "delta_levels": delta_levels}
+        hints = {k: v for k, v in hints.items() if v is not None}
+        return selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True, **hints)
 
 
 def scan_orders(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..models.ss2d import Projection, ScanOp
 from ..scan import resolve_backend
-from ..scan.load_quant import LoadQuant
+from ..scan.load_quant import MAX_LEVELS, LoadQuant
 from .affine_params import affine_params
 from .base import Quantizer, state_versions
 from .fused import use_fused
@@ -26,6 +26,20 @@ Q = nn.Module | None  # a quantizer, or None for float
 
 def _or_identity(q: nn.Module | None) -> nn.Module:
     return nn.Identity() if q is None else q
+
+
+def _affine_grid(q: Quantizer, x: torch.Tensor, copies: int) -> LoadQuant | None:
+    """Quantizer ``q``'s affine map on ``x`` as a ``LoadQuant`` (docs/method.md §3.8), or None when ``q`` is
+    not initialised yet or has no affine form."""
+    if not bool(q.initialized):
+        return None
+    try:
+        step, offset, clip = affine_params(q, x, copies)
+    except NotImplementedError:
+        return None
+    lo, hi = clip if clip is not None else (torch.tensor(-math.inf), torch.tensor(math.inf))
+    offset = torch.zeros(()) if offset is None else offset
+    return LoadQuant(step, offset, lo, hi, q.qn, q.qp)
 
 
 class QConv2d(nn.Conv2d):
@@ -93,7 +107,9 @@ class QScan(ScanOp):
     ``u_orders``: u (batch, orders·d, L) stacks that many scan orders of one tensor (SS2D's four), so any
     statistic over a whole sample of u is that of its first order: inference reads only that quarter.
     Without gradients, the quantized parameter inputs (A, D, delta_bias) are kept and reused while their
-    values and their quantizers' tensors are unchanged; ``train()`` drops them.
+    values and their quantizers' tensors are unchanged; ``train()`` drops them. When Δ's quantizer has at
+    most 4 levels (2 bits), the fused CPU scan gets their values and looks its decays exp(δ·A) up instead
+    of computing them (training and inference; the same result, docs/method.md §2.2).
     """
 
     CONSTANT_INPUTS = ("A", "D", "delta_bias")  # model parameters, the same on every call
@@ -118,7 +134,8 @@ class QScan(ScanOp):
         inputs = zip(SCAN_INPUTS, (u, delta, A, B, C, D, delta_bias), strict=True)
         q = [t if name in on_load else self._quantize(name, t) for name, t in inputs]
         u_quant, delta_quant = loads or (None, None)
-        return super().forward(*q, u_quant=u_quant, delta_quant=delta_quant)
+        levels = self._delta_levels(delta, delta_quant)
+        return super().forward(*q, u_quant=u_quant, delta_quant=delta_quant, delta_levels=levels)
 
     def train(self, mode: bool = True) -> QScan:
         self._constants = {}
@@ -149,16 +166,24 @@ class QScan(ScanOp):
             if not isinstance(q, Quantizer):
                 loads.append(None)  # kept float
                 continue
-            if not bool(q.initialized):
+            grid = _affine_grid(q, x, copies)
+            if grid is None:
                 return None
-            try:
-                step, offset, clip = affine_params(q, x, copies)
-            except NotImplementedError:
-                return None
-            lo, hi = clip if clip is not None else (torch.tensor(-math.inf), torch.tensor(math.inf))
-            offset = torch.zeros(()) if offset is None else offset
-            loads.append(LoadQuant(step, offset, lo, hi, q.qn, q.qp))
+            loads.append(grid)
         return tuple(loads) if any(q is not None for q in loads) else None
+
+    def _delta_levels(self, delta: torch.Tensor, grid: LoadQuant | None) -> torch.Tensor | None:
+        """The values of quantized Δ per sample, (groups, k ≤ 4), for the fused CPU scan's decay table; None
+        where that does not apply (Δ float or with more levels, another backend, no affine form, export)."""
+        q = self.quantizer("delta")
+        if not isinstance(q, Quantizer) or q.qp - q.qn + 1 > MAX_LEVELS:
+            return None
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or resolve_backend(None, delta) != "cpu":
+            return None
+        if grid is None:
+            with torch.no_grad():
+                grid = _affine_grid(q, delta, 1)
+        return None if grid is None else grid.levels()
 
     def _one_order(self, u: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(the first scan order of u, the number of orders): u's per-sample statistics, a quarter read."""

@@ -95,16 +95,21 @@ def selective_scan(
     backend: str | None = None,
     u_quant: LoadQuant | None = None,
     delta_quant: LoadQuant | None = None,
+    delta_levels: torch.Tensor | None = None,
 ):
     """Same signature and semantics as mamba_ssm's ``selective_scan_fn`` (B, C: (batch, groups, N, L)).
 
     ``backend``: 'ref', 'cpu', 'chunked', 'gpu', 'auto' or None (None: $QMAMBAIR_SCAN, else automatic).
     ``u_quant`` / ``delta_quant`` (inference only, see ``load_quant``): scan the fake-quantized u / delta; the
-    'cpu' backend quantizes while it reads them, the others quantize first."""
+    'cpu' backend quantizes while it reads them, the others quantize first. ``delta_levels`` (batch or
+    1, k ≤ 4): the values delta takes, a speed hint for the 'cpu' backend (same result), ignored by the
+    others."""
     name = resolve_backend(backend, u)
     if name == "cpu":
         args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-        return _cpu_module().selective_scan_cpu(*args, u_quant=u_quant, delta_quant=delta_quant)
+        return _cpu_module().selective_scan_cpu(
+            *args, u_quant=u_quant, delta_quant=delta_quant, delta_levels=delta_levels
+        )
     u, delta = quantize_before_scan(u, delta, u_quant, delta_quant)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "chunked":

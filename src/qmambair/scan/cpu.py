@@ -39,7 +39,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .load_quant import FIELDS, INFERENCE_ONLY, LoadQuant
+from .load_quant import FIELDS, INFERENCE_ONLY, MAX_LEVELS, LoadQuant
 
 try:  # numba is optional: without it the dispatcher falls back to the chunked PyTorch scan
     import numba
@@ -57,6 +57,8 @@ _FTZ = [True]  # whether the kernels switch subnormals off (top of the stack; se
 CHUNK = 64  # positions between saved hidden states
 _LANES = 16  # partial sums for the deterministic channel reduction of dB/dC
 _SCRATCH_FLOATS = 65536  # per buffer: chunk * N * block width stays about 256 KB (L2-resident)
+TILE = 256  # positions per forward tile (see ``_tile``)
+LEVELS = MAX_LEVELS  # the most values of delta for which exp(δ·A) is looked up instead of computed
 
 if AVAILABLE:
 
@@ -176,34 +178,91 @@ if AVAILABLE:
         t = min(max((x + off) / s, qn), qp)
         return min(max(s * np.rint(t) - off, lo), hi)
 
+    @njit(inline="always", cache=True, error_model="numpy")
+    def _softplus_and_slope(x):
+        """(softplus(x), sigmoid(x)) = (max(x, 0) + log(1 + e), its derivative), e = exp(−|x|)."""
+        e = _exp(-abs(x))
+        inv = np.float32(1.0) / (np.float32(1.0) + e)
+        return max(x, np.float32(0.0)) + _log1p_small(e), (inv if x >= np.float32(0.0) else e * inv)
+
     @njit(cache=True, error_model="numpy")
-    def _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg, q):
+    def _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg, q, lev, codes, dlt, sgt):
         """Tile of δ = softplus(delta + bias) (or delta + bias), transposed to (T, w); sg = dδ/d(delta).
 
         ``q`` (batch, 6) = (s, offset, lo, hi, qn, qp) per batch element fake-quantizes delta as it is read;
-        an empty ``q`` reads it as it is."""
-        if q.shape[0] > 0:
-            _load_tile_quant(delta, b, d0, w, t0, T, dl, q)
-            for i in range(T):
-                for j in range(w):
-                    dl[i, j] += bias[d0 + j]
-        else:
-            for j in range(w):
-                bj = bias[d0 + j]
+        an empty ``q`` reads it as it is. ``lev`` (batch, LEVELS): when not empty, the values delta (after q)
+        is expected to take, and ``dlt`` / ``sgt`` (LEVELS, w) their δ and sg (``_level_tables``): if every
+        value of the tile is one of them, codes[i, j] = its index and δ, sg are looked up. Returns how many
+        values of the tile are none of them (0: looked up, codes valid), or −1 without ``lev``."""
+        _load_tile_quant(delta, b, d0, w, t0, T, dl, q)
+        if lev.shape[0] > 0:
+            misses = _match_levels(dl, T, w, lev[b], codes)
+            if misses == 0:
                 for i in range(T):
-                    dl[i, j] = delta[b, d0 + j, t0 + i] + bj
+                    crow = codes[i]
+                    for j in range(w):
+                        c = crow[j]
+                        dl[i, j] = _pick(c, dlt[0, j], dlt[1, j], dlt[2, j], dlt[3, j])
+                        sg[i, j] = _pick(c, sgt[0, j], sgt[1, j], sgt[2, j], sgt[3, j])
+                return misses
+        else:
+            misses = -1
+        for i in range(T):
+            for j in range(w):
+                dl[i, j] += bias[d0 + j]
         if softplus:
             for i in range(T):
                 for j in range(w):
-                    x = dl[i, j]
-                    e = _exp(-abs(x))
-                    dl[i, j] = max(x, np.float32(0.0)) + _log1p_small(e)
-                    inv = np.float32(1.0) / (np.float32(1.0) + e)
-                    sg[i, j] = inv if x >= np.float32(0.0) else e * inv
+                    dl[i, j], sg[i, j] = _softplus_and_slope(dl[i, j])
         else:
             for i in range(T):
                 for j in range(w):
                     sg[i, j] = np.float32(1.0)
+        return misses
+
+    @njit(cache=True, error_model="numpy")
+    def _match_levels(dl, T, w, lev, codes):
+        """codes[i, j] = k where dl[i, j] == lev[k] (k < 4); returns the number of values equal to none."""
+        l0, l1, l2, l3 = lev[0], lev[1], lev[2], lev[3]
+        misses = 0
+        for i in range(T):
+            row = dl[i]
+            crow = codes[i]
+            for j in range(w):
+                v = row[j]
+                c = np.int32(0)
+                c = np.int32(1) if v == l1 else c
+                c = np.int32(2) if v == l2 else c
+                c = np.int32(3) if v == l3 else c
+                crow[j] = c
+                hit = (v == l0) | (v == l1) | (v == l2) | (v == l3)
+                misses += np.int32(0) if hit else np.int32(1)
+        return misses
+
+    @njit(cache=True, error_model="numpy")
+    def _level_tables(lev, bias, d0, w, a_blk, softplus, dlt, sgt, tab):
+        """For each level k of delta: dlt[k, j] = δ = softplus(lev[k] + bias[d0 + j]) (or without softplus),
+        sgt[k, j] its slope, tab[n, k, j] = exp(δ·A[n, j]), each with the float32 operations of
+        ``_load_delta`` and the scan loop, so a value looked up equals the one computed, to the bit."""
+        N = a_blk.shape[0]
+        for k in range(LEVELS):
+            for j in range(w):
+                x = lev[k] + bias[d0 + j]
+                slope = np.float32(1.0)
+                if softplus:
+                    x, slope = _softplus_and_slope(x)
+                dlt[k, j] = x
+                sgt[k, j] = slope
+                for n in range(N):
+                    tab[n, k, j] = _exp(x * a_blk[n, j])
+
+    @njit(inline="always", cache=True, error_model="numpy")
+    def _pick(c, x0, x1, x2, x3):
+        """x_c for c in 0..3, as two levels of selects (vectorizes; a table index would not)."""
+        odd = (c & np.int32(1)) != np.int32(0)
+        low = x1 if odd else x0
+        high = x3 if odd else x2
+        return high if (c & np.int32(2)) != np.int32(0) else low
 
     @njit(cache=True, error_model="numpy")
     def _load_tile(src, b, d0, w, t0, T, dst):
@@ -231,6 +290,22 @@ if AVAILABLE:
         for j in range(w):
             for i in range(T):
                 dst[b, d0 + j, t0 + i] = src[i, j]
+
+    @njit(cache=True, error_model="numpy")
+    def _pick_row(crow, tab_n, out, w):
+        """out[j] = tab_n[crow[j], j]: one position's decays from the level table, in a loop of its own
+        (inside the backward's state loop the selects do not vectorize)."""
+        t0row, t1row, t2row, t3row = tab_n[0], tab_n[1], tab_n[2], tab_n[3]
+        for j in range(w):
+            out[j] = _pick(crow[j], t0row[j], t1row[j], t2row[j], t3row[j])
+
+    @njit(cache=True, error_model="numpy")
+    def _save_state(hs, h, b, c, d0):
+        """hs[b, c, n, d0 + j] = h[n, j]: the state at the start of chunk c, kept for the backward."""
+        N, w = h.shape
+        for n in range(N):
+            for j in range(w):
+                hs[b, c, n, d0 + j] = h[n, j]
 
     @njit(inline="always", cache=True, error_model="numpy")
     def _lanesum(row, wpad):
@@ -262,11 +337,15 @@ if AVAILABLE:
 
     @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
     def _scan_fwd(
-        u, delta, At, Bt, Ct, Dv, bias, z, out, hs, hlast, softplus, has_z, save, width, chunk, uq, dq, ftz,
+        u, delta, At, Bt, Ct, Dv, bias, z, out, hs, hlast, softplus, has_z, save, width, chunk, tile,
+        uq, dq, lev, looked, ftz,
     ):  # fmt: skip
-        """Forward over items (batch, group, channel block). Writes out, hlast and (if save) hs[b, c] = state
-        at the start of chunk c. ``uq`` / ``dq``: fake quantization of u / delta as they are read
-        (``_load_tile_quant``; empty: none)."""
+        """Forward over items (batch, group, channel block), ``tile`` positions at a time (a multiple of
+        ``chunk``). Writes out, hlast and (if save) hs[b, c] = state at the start of chunk c. ``uq`` / ``dq``:
+        fake quantization of u / delta as they are read (``_load_tile_quant``; empty: none). ``lev``: the
+        values delta takes (``_load_delta``; empty: none); a tile whose every value is one of them looks its
+        δ and decays up in ``_level_tables`` instead of computing them, with the same result; ``looked[item]``
+        counts those tiles."""
         nb, dp, L = u.shape
         N = At.shape[0]
         G = Bt.shape[1]
@@ -282,38 +361,60 @@ if AVAILABLE:
             for n in range(N):
                 for j in range(w):
                     a_blk[n, j] = At[n, d0 + j]
+            tab = np.empty((N, LEVELS, w), np.float32)
+            dlt = np.empty((LEVELS, w), np.float32)
+            sgt = np.empty((LEVELS, w), np.float32)
+            if lev.shape[0] > 0:
+                _level_tables(lev[b], bias, d0, w, a_blk, softplus, dlt, sgt, tab)
+            codes = np.empty((tile, w), np.int32)
             h = np.zeros((N, w), np.float32)
-            dl = np.empty((chunk, w), np.float32)
-            sg = np.empty((chunk, w), np.float32)
-            uu = np.empty((chunk, w), np.float32)
-            du = np.empty((chunk, w), np.float32)
-            y = np.empty((chunk, w), np.float32)
-            for t0 in range(0, L, chunk):
-                T = min(chunk, L - t0)
-                if save:
-                    c = t0 // chunk
-                    for n in range(N):
-                        for j in range(w):
-                            hs[b, c, n, d0 + j] = h[n, j]
-                _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg, dq)
+            dl = np.empty((tile, w), np.float32)
+            sg = np.empty((tile, w), np.float32)
+            uu = np.empty((tile, w), np.float32)
+            du = np.empty((tile, w), np.float32)
+            y = np.empty((tile, w), np.float32)
+            for t0 in range(0, L, tile):
+                T = min(tile, L - t0)
+                misses = _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg, dq, lev, codes, dlt, sgt)
+                looked[item] += 1 if misses == 0 else 0
                 _load_tile_quant(u, b, d0, w, t0, T, uu, uq)
                 for i in range(T):
                     for j in range(w):
                         du[i, j] = dl[i, j] * uu[i, j]
                         y[i, j] = Dv[d0 + j] * uu[i, j]
-                for i in range(T):
-                    for n in range(N):
-                        bn = Bt[b, g, t0 + i, n]
-                        cn = Ct[b, g, t0 + i, n]
-                        hrow = h[n]
-                        arow = a_blk[n]
-                        yrow = y[i]
-                        dlrow = dl[i]
-                        durow = du[i]
-                        for j in range(w):
-                            hv = _flush(_exp(dlrow[j] * arow[j]) * hrow[j] + durow[j] * bn)
-                            hrow[j] = hv
-                            yrow[j] += cn * hv
+                if misses == 0:  # every decay of the tile is in the table
+                    for i in range(T):
+                        if save and (t0 + i) % chunk == 0:
+                            _save_state(hs, h, b, (t0 + i) // chunk, d0)
+                        crow = codes[i]
+                        for n in range(N):
+                            bn = Bt[b, g, t0 + i, n]
+                            cn = Ct[b, g, t0 + i, n]
+                            hrow = h[n]
+                            yrow = y[i]
+                            durow = du[i]
+                            t0row, t1row, t2row, t3row = tab[n, 0], tab[n, 1], tab[n, 2], tab[n, 3]
+                            for j in range(w):
+                                a = _pick(crow[j], t0row[j], t1row[j], t2row[j], t3row[j])
+                                hv = _flush(a * hrow[j] + durow[j] * bn)
+                                hrow[j] = hv
+                                yrow[j] += cn * hv
+                else:
+                    for i in range(T):
+                        if save and (t0 + i) % chunk == 0:
+                            _save_state(hs, h, b, (t0 + i) // chunk, d0)
+                        for n in range(N):
+                            bn = Bt[b, g, t0 + i, n]
+                            cn = Ct[b, g, t0 + i, n]
+                            hrow = h[n]
+                            arow = a_blk[n]
+                            yrow = y[i]
+                            dlrow = dl[i]
+                            durow = du[i]
+                            for j in range(w):
+                                hv = _flush(_exp(dlrow[j] * arow[j]) * hrow[j] + durow[j] * bn)
+                                hrow[j] = hv
+                                yrow[j] += cn * hv
                 if has_z:
                     _load_tile(z, b, d0, w, t0, T, uu)
                     for i in range(T):
@@ -329,10 +430,11 @@ if AVAILABLE:
 
     @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
     def _scan_bwd(
-        u, delta, At, Bt, Ct, Dv, bias, z, dout, hs, softplus, has_z, width, chunk, ftz,
+        u, delta, At, Bt, Ct, Dv, bias, z, dout, hs, softplus, has_z, width, chunk, lev, looked, ftz,
         du_out, ddelta_out, dz_out, dA_out, dD_out, dbias_out, dB_part, dC_part,
     ):  # fmt: skip
-        """Backward over the items of ``_scan_fwd``, chunks last to first, recomputing each chunk's states.
+        """Backward over the items of ``_scan_fwd``, chunks last to first, recomputing each chunk's states
+        (their decays looked up as in the forward where ``lev`` covers the tile).
 
         dA_out, dD_out, dbias_out are float64 per batch element; dB_part/dC_part are per channel block."""
         nb, dp, L = u.shape
@@ -353,6 +455,12 @@ if AVAILABLE:
             for n in range(N):
                 for j in range(w):
                     a_blk[n, j] = At[n, d0 + j]
+            tab = np.empty((N, LEVELS, w), np.float32)
+            dlt = np.empty((LEVELS, w), np.float32)
+            sgt = np.empty((LEVELS, w), np.float32)
+            if lev.shape[0] > 0:
+                _level_tables(lev[b], bias, d0, w, a_blk, softplus, dlt, sgt, tab)
+            codes = np.empty((chunk, w), np.int32)
             hbuf = np.empty((chunk + 1, N, w), np.float32)  # hbuf[i] = state before step i of the chunk
             abuf = np.empty((chunk, N, w), np.float32)  # exp(δ·A) of each step
             carry = np.zeros((N, w), np.float32)  # exp(δ_{t+1}·A) · g_{t+1}
@@ -374,7 +482,10 @@ if AVAILABLE:
             for c in range(nchunks - 1, -1, -1):
                 t0 = c * chunk
                 T = min(chunk, L - t0)
-                _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg, no_quant)
+                misses = _load_delta(
+                    delta, bias, b, d0, w, t0, T, softplus, dl, sg, no_quant, lev, codes, dlt, sgt
+                )
+                looked[item] += 1 if misses == 0 else 0
                 _load_tile(u, b, d0, w, t0, T, uu)
                 _load_tile(dout, b, d0, w, t0, T, dy)
                 for i in range(T):
@@ -399,10 +510,15 @@ if AVAILABLE:
                         ablk = a_blk[n]
                         dlrow = dl[i]
                         durow = du[i]
-                        for j in range(w):
-                            a = _exp(dlrow[j] * ablk[j])
-                            arow[j] = a
-                            hnext[j] = _flush(a * hprev[j] + durow[j] * bn)
+                        if misses == 0:  # every decay of the tile is in the table
+                            _pick_row(codes[i], tab[n], arow, w)
+                            for j in range(w):
+                                hnext[j] = _flush(arow[j] * hprev[j] + durow[j] * bn)
+                        else:
+                            for j in range(w):
+                                a = _exp(dlrow[j] * ablk[j])
+                                arow[j] = a
+                                hnext[j] = _flush(a * hprev[j] + durow[j] * bn)
                         if has_z:
                             yrow = zt[i]
                             for j in range(w):
@@ -481,6 +597,39 @@ def ieee_denormals() -> Iterator[None]:
         _FTZ.pop()
 
 
+_NO_LEVELS = np.empty((0, LEVELS), np.float32)
+_LOOKUPS: dict[str, tuple[int, int]] = {}
+
+
+def _record_lookups(kernel: str, looked: np.ndarray, tiles_per_item: int) -> None:
+    _LOOKUPS[kernel] = (int(looked.sum()), looked.size * tiles_per_item)
+
+
+def decay_lookups() -> dict[str, tuple[int, int]]:
+    """For the last forward and the last backward kernel call: (tiles whose decays were looked up in the
+    level table, tiles). For tests and benchmarks: the table is a speed path with the same results."""
+    return dict(_LOOKUPS)
+
+
+def _tile(chunk: int) -> int:
+    """Positions per forward tile: the largest multiple of ``chunk`` up to TILE (at least ``chunk``).
+
+    The kernels transpose (channels, time) inputs tile by tile; each tile reads ``tile`` consecutive floats
+    from each of its channels' rows, which lie a whole sequence apart in memory, and with 64 the
+    hardware prefetchers do not keep up: the forward reads 4-5x faster in tiles of 256."""
+    return max(chunk, TILE // chunk * chunk)
+
+
+def _level_rows(levels: torch.Tensor, batch: int) -> np.ndarray:
+    """``delta_levels`` as the kernels read it: (batch, LEVELS) float32, short rows padded with their last
+    value (a repeated level looks up the same decay)."""
+    lev = levels.detach().to(device="cpu", dtype=torch.float32)
+    if lev.dim() != 2 or lev.shape[0] not in (1, batch) or not 1 <= lev.shape[1] <= LEVELS:
+        raise ValueError(f"delta_levels must have shape (batch or 1, 1..{LEVELS}), got {tuple(lev.shape)}")
+    pad = lev[:, -1:].expand(-1, LEVELS - lev.shape[1])
+    return np.ascontiguousarray(torch.cat([lev, pad], 1).expand(batch, -1).numpy())
+
+
 def _block_width(batch: int, groups: int, per_group: int, n_state: int, chunk: int) -> int:
     """Channels per work item: small enough that the backward's buffers stay in L2, and enough items to keep
     every numba thread busy."""
@@ -493,9 +642,10 @@ def _block_width(batch: int, groups: int, per_group: int, n_state: int, chunk: i
 
 
 def _forward(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, chunk, u_quant=None, delta_quant=None
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, chunk, u_quant=None, delta_quant=None, lev=None
 ):
-    """Run ``_scan_fwd``: (out, hlast) in float32, the float32 inputs it read, hs and the block width."""
+    """Run ``_scan_fwd``: (out, hlast) in float32, the float32 inputs it read, hs and the block width.
+    ``lev``: the (batch, LEVELS) float32 array of ``_level_rows``, or None."""
     nb, dp, L = u.shape
     G, N = B.shape[1], A.shape[1]
     if dp % G:
@@ -515,11 +665,15 @@ def _forward(
     out = torch.empty_like(u32)
     hlast = u32.new_empty(nb, N, dp)
     uq, dq = (np.empty((0, FIELDS), np.float32) if q is None else q.rows(nb) for q in (u_quant, delta_quant))
+    lev = _NO_LEVELS if lev is None else lev
+    looked = np.zeros(nb * G * math.ceil(dp // G / width), np.int64)
+    tile = _tile(chunk)
     _scan_fwd(
         u32.numpy(), d32.numpy(), at.numpy(), bt.numpy(), ct.numpy(), dv.numpy(), bias.numpy(),
         z32.numpy(), out.numpy(), hs.numpy(), hlast.numpy(),
-        bool(delta_softplus), z is not None, save, width, chunk, uq, dq, _FTZ[-1],
+        bool(delta_softplus), z is not None, save, width, chunk, tile, uq, dq, lev, looked, _FTZ[-1],
     )  # fmt: skip
+    _record_lookups("forward", looked, math.ceil(L / tile))
     return out, hlast, (u32, d32, at, bt, ct, dv, bias, z32, hs), width
 
 
@@ -527,10 +681,12 @@ class FusedSelectiveScan(torch.autograd.Function):
     """autograd Function around the numba kernels; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, chunk):
-        out, hlast, inputs, width = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, chunk)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, chunk, lev):
+        args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, save, chunk)
+        out, hlast, inputs, width = _forward(*args, lev=lev)
         if save:
             ctx.save_for_backward(*inputs)
+            ctx.lev = lev
             G = B.shape[1]
             ctx.meta = (delta_softplus, z is not None, width, chunk, G, D is not None, delta_bias is not None)
             ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
@@ -556,12 +712,15 @@ class FusedSelectiveScan(torch.autograd.Function):
         dbias = torch.empty(nb, dp, dtype=f64)
         dB_part = u32.new_empty(nb, G, nblk, L, N)
         dC_part = u32.new_empty(nb, G, nblk, L, N)
+        looked = np.zeros(nb * G * nblk, np.int64)
         _scan_bwd(
             u32.numpy(), d32.numpy(), at.numpy(), bt.numpy(), ct.numpy(), dv.numpy(), bias.numpy(),
-            z32.numpy(), g32.numpy(), hs.numpy(), softplus, has_z, width, chunk, _FTZ[-1],
+            z32.numpy(), g32.numpy(), hs.numpy(), softplus, has_z, width, chunk,
+            _NO_LEVELS if ctx.lev is None else ctx.lev, looked, _FTZ[-1],
             du.numpy(), ddelta.numpy(), dz.numpy(), dA.numpy(), dD.numpy(), dbias.numpy(),
             dB_part.numpy(), dC_part.numpy(),
         )  # fmt: skip
+        _record_lookups("backward", looked, math.ceil(L / chunk))
         tu, tdelta, tA, tB, tC = ctx.dtypes
         dB = dB_part.sum(2).transpose(2, 3).to(tB)
         dC = dC_part.sum(2).transpose(2, 3).to(tC)
@@ -569,7 +728,7 @@ class FusedSelectiveScan(torch.autograd.Function):
         grad_D = dD.sum(0).to(dv.dtype) if has_d else None
         grad_bias = dbias.sum(0).to(bias.dtype) if has_bias else None
         grad_z = dz.to(tu) if has_z else None
-        return du.to(tu), ddelta.to(tdelta), grad_A, dB, dC, grad_D, grad_z, grad_bias, None, None, None
+        return du.to(tu), ddelta.to(tdelta), grad_A, dB, dC, grad_D, grad_z, grad_bias, None, None, None, None
 
 
 def selective_scan_cpu(
@@ -586,23 +745,30 @@ def selective_scan_cpu(
     chunk: int = CHUNK,
     u_quant: LoadQuant | None = None,
     delta_quant: LoadQuant | None = None,
+    delta_levels: torch.Tensor | None = None,
 ):
     """Fused numba scan with mamba_ssm's ``selective_scan_fn`` semantics (B, C: (batch, G, N, L)).
 
     ``u_quant`` / ``delta_quant`` fake-quantize u / delta as the kernel reads them (inference only; see
-    ``load_quant``): the result equals scanning the fake-quantized tensors, without writing them."""
+    ``load_quant``): the result equals scanning the fake-quantized tensors, without writing them.
+    ``delta_levels`` (batch or 1, k ≤ 4): the values each sample's delta takes (after ``delta_quant``, before
+    delta_bias), e.g. those of a 2-bit quantizer; a hint only, the result is the same with it or without
+    it: where every value of a tile is one of them, the decays exp(δ·A) are looked up in a table of the k
+    levels instead of computed (docs/method.md §2.2). Training and inference alike."""
     if not AVAILABLE:
         raise RuntimeError("the 'cpu' scan backend needs numba (pip install numba); use backend='chunked'")
     if B.dim() != 4 or C.dim() != 4:
         raise ValueError("the fused CPU scan takes grouped B and C of shape (batch, groups, N, L)")
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    lev = None if delta_levels is None else _level_rows(delta_levels, u.shape[0])
     if u_quant is None and delta_quant is None:
-        out, last = FusedSelectiveScan.apply(*tensors, bool(delta_softplus), save, int(chunk))
+        out, last = FusedSelectiveScan.apply(*tensors, bool(delta_softplus), save, int(chunk), lev)
         return (out, last) if return_last_state else out
     if save:
         raise ValueError(INFERENCE_ONLY)
-    out, hlast, _, _ = _forward(*tensors, bool(delta_softplus), False, int(chunk), u_quant, delta_quant)
+    args = (*tensors, bool(delta_softplus), False, int(chunk), u_quant, delta_quant, lev)
+    out, hlast, _, _ = _forward(*args)
     out = out.to(u.dtype)
     return (out, hlast.transpose(1, 2).to(u.dtype)) if return_last_state else out
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 FIELDS = 6  # s, b, lo, hi, Qn, Qp
+MAX_LEVELS = 4  # the most levels of delta the CPU scan looks its decays up for (``LoadQuant.levels``)
 INFERENCE_ONLY = "u_quant / delta_quant are for inference: run without gradients (torch.no_grad())"
 
 
@@ -43,6 +44,14 @@ class LoadQuant(NamedTuple):
             out[:, k] = flat.numpy()
         out[:, 4], out[:, 5] = self.qn, self.qp
         return out
+
+    def levels(self) -> torch.Tensor:
+        """(groups, Qp − Qn + 1) float32: every value the map can output, min(max(s·k − b, lo), hi) for
+        k = Qn..Qp, per group (one row, or one per batch element), with the kernel's float32 operations."""
+        s, b, lo, hi = (t.detach().to(device="cpu", dtype=torch.float32).reshape(-1, 1)
+                        for t in (self.step, self.offset, self.lo, self.hi))
+        k = torch.arange(int(self.qn), int(self.qp) + 1, dtype=torch.float32)
+        return torch.minimum(torch.maximum(s * k - b, lo), hi)
 
 
 def quantize_before_scan(
