@@ -194,26 +194,33 @@ if AVAILABLE:
         is expected to take, and ``dlt`` / ``sgt`` (LEVELS, w) their δ and sg (``_level_tables``): if every
         value of the tile is one of them, codes[i, j] = its index and δ, sg are looked up. Returns how many
         values of the tile are none of them (0: looked up, codes valid), or −1 without ``lev``."""
-        _load_tile_quant(delta, b, d0, w, t0, T, dl, q)
-        if lev.shape[0] > 0:
-            misses = _match_levels(dl, T, w, lev[b], codes)
-            if misses == 0:
-                for i in range(T):
-                    crow = codes[i]
-                    for j in range(w):
-                        c = crow[j]
-                        dl[i, j] = _pick(c, dlt[0, j], dlt[1, j], dlt[2, j], dlt[3, j])
-                        sg[i, j] = _pick(c, sgt[0, j], sgt[1, j], sgt[2, j], sgt[3, j])
-                return misses
+        misses = -1
+        if lev.shape[0] > 0 or q.shape[0] > 0:
+            _load_tile_quant(delta, b, d0, w, t0, T, dl, q)
+            if lev.shape[0] > 0:
+                misses = _match_levels(dl, T, w, lev[b], codes)
+                if misses == 0:
+                    for i in range(T):
+                        crow = codes[i]
+                        for j in range(w):
+                            c = crow[j]
+                            dl[i, j] = _pick(c, dlt[0, j], dlt[1, j], dlt[2, j], dlt[3, j])
+                            sg[i, j] = _pick(c, sgt[0, j], sgt[1, j], sgt[2, j], sgt[3, j])
+                    return misses
+            for i in range(T):
+                for j in range(w):
+                    dl[i, j] += bias[d0 + j]
         else:
-            misses = -1
-        for i in range(T):
             for j in range(w):
-                dl[i, j] += bias[d0 + j]
+                bj = bias[d0 + j]
+                for i in range(T):
+                    dl[i, j] = delta[b, d0 + j, t0 + i] + bj
         if softplus:
             for i in range(T):
                 for j in range(w):
-                    dl[i, j], sg[i, j] = _softplus_and_slope(dl[i, j])
+                    value, slope = _softplus_and_slope(dl[i, j])
+                    dl[i, j] = value
+                    sg[i, j] = slope
         else:
             for i in range(T):
                 for j in range(w):
@@ -292,9 +299,17 @@ if AVAILABLE:
                 dst[b, d0 + j, t0 + i] = src[i, j]
 
     @njit(cache=True, error_model="numpy")
+    def _decay_row(dlrow, a_blk, out, w):
+        """out[n, j] = exp(dlrow[j]·a_blk[n, j]): one position's decays, computed."""
+        for n in range(a_blk.shape[0]):
+            arow = a_blk[n]
+            orow = out[n]
+            for j in range(w):
+                orow[j] = _exp(dlrow[j] * arow[j])
+
+    @njit(cache=True, error_model="numpy")
     def _pick_row(crow, tab_n, out, w):
-        """out[j] = tab_n[crow[j], j]: one position's decays from the level table, in a loop of its own
-        (inside the backward's state loop the selects do not vectorize)."""
+        """out[j] = tab_n[crow[j], j]: one position's decays from the level table."""
         t0row, t1row, t2row, t3row = tab_n[0], tab_n[1], tab_n[2], tab_n[3]
         for j in range(w):
             out[j] = _pick(crow[j], t0row[j], t1row[j], t2row[j], t3row[j])
@@ -496,7 +511,13 @@ if AVAILABLE:
                 for n in range(N):
                     for j in range(w):
                         hbuf[0, n, j] = hs[b, c, n, d0 + j]
-                # recompute the chunk's states (and y, needed for dz)
+                # the chunk's decays exp(δ·A), looked up or computed, then its states (and y, needed for dz)
+                for i in range(T):
+                    if misses == 0:
+                        for n in range(N):
+                            _pick_row(codes[i], tab[n], abuf[i, n], w)
+                    else:
+                        _decay_row(dl[i], a_blk, abuf[i], w)
                 for i in range(T):
                     if has_z:
                         for j in range(w):
@@ -507,18 +528,9 @@ if AVAILABLE:
                         hprev = hbuf[i, n]
                         hnext = hbuf[i + 1, n]
                         arow = abuf[i, n]
-                        ablk = a_blk[n]
-                        dlrow = dl[i]
                         durow = du[i]
-                        if misses == 0:  # every decay of the tile is in the table
-                            _pick_row(codes[i], tab[n], arow, w)
-                            for j in range(w):
-                                hnext[j] = _flush(arow[j] * hprev[j] + durow[j] * bn)
-                        else:
-                            for j in range(w):
-                                a = _exp(dlrow[j] * ablk[j])
-                                arow[j] = a
-                                hnext[j] = _flush(a * hprev[j] + durow[j] * bn)
+                        for j in range(w):
+                            hnext[j] = _flush(arow[j] * hprev[j] + durow[j] * bn)
                         if has_z:
                             yrow = zt[i]
                             for j in range(w):
