@@ -17,6 +17,10 @@ subprocess with an empty NUMBA_CACHE_DIR; "cache load" is the first call in a pr
 ``--interleaved`` is the speed comparison proper: one process, the backends run in turn (ref, cpu, chunked,
 ref, cpu, ...) on the same inputs so that machine load hits them alike; it prints the medians and each
 backend's speed-up over the reference loop (ratio of medians). Memory is not measured in this mode.
+``--tile-ab`` adds ``cpu-tile64``: the fused kernel with forward tiles of 64 positions (one checkpoint chunk,
+as before the forward read tiles of 256; docs/method.md §2.2), so the tile size is measured side by side.
+
+    python benchmarks/scan.py --interleaved --tile-ab --shape light-128 --ref-repeats 1
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # name: (batch, groups, channels per group, N, L)
     "light": (1, 4, 72, 10, 64 * 64),
+    "light-128": (1, 4, 72, 10, 128 * 128),  # a 128x128 LR image, as benchmarks/deploy_speed.py
     "classic": (1, 4, 360, 16, 48 * 48),
     "light-512": (1, 4, 72, 10, 512 * 512),
 }
@@ -107,17 +112,24 @@ def worker(backend: str, shape_name: str, repeats: int, threads: int, fwd_only: 
     return res
 
 
-def interleaved(shape_name: str, repeats: int, threads: int, backends=("ref", "cpu", "chunked")) -> None:
-    """Time the backends round-robin in this process; print medians and speed-ups over ``ref``."""
+def interleaved(shape_name: str, repeats: int, threads: int, backends=("ref", "cpu", "chunked"),
+                ref_repeats: int | None = None) -> None:
+    """Time the backends round-robin in this process; print medians and speed-ups over ``ref``.
+    ``cpu-tile64`` is the 'cpu' backend with forward tiles of 64 positions. ``ref_repeats``: the reference
+    loop runs only in the first that many repeats (default: all)."""
     import torch
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(ROOT / "src"))
+    from qmambair.scan import cpu as scan_cpu
     from qmambair.scan import selective_scan
 
     inputs = _inputs(SHAPES[shape_name], grad=True)
+    tile = scan_cpu.TILE
 
     def run(backend: str, backward: bool) -> float:
+        scan_cpu.TILE = 64 if backend == "cpu-tile64" else tile
+        backend = "cpu" if backend == "cpu-tile64" else backend
         start = time.perf_counter()
         with torch.set_grad_enabled(backward):
             y = selective_scan(**inputs, delta_softplus=True, backend=backend)
@@ -130,10 +142,12 @@ def interleaved(shape_name: str, repeats: int, threads: int, backends=("ref", "c
     times = {(b, m): [] for b in backends for m in (False, True)}
     for backend in backends:  # warm-up: kernel compilation / cache load, allocations
         run(backend, True)
-    for _ in range(repeats):
+    for r in range(repeats):
         for backward in (False, True):
             for backend in backends:
-                times[backend, backward].append(run(backend, backward))
+                if backend != "ref" or ref_repeats is None or r < ref_repeats:
+                    times[backend, backward].append(run(backend, backward))
+    scan_cpu.TILE = tile
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     b, g, c, n, length = SHAPES[shape_name]
     print(f"# selective scan, {shape_name} (batch {b}, D'={g * c}, N={n}, L={length}), one process, "
@@ -184,9 +198,12 @@ def main() -> None:
     p.add_argument("--fwd-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--interleaved", action="store_true", help="one-process side-by-side timing (see above)")
     p.add_argument("--shape", choices=tuple(SHAPES), default="light", help="shape for --interleaved")
+    p.add_argument("--tile-ab", action="store_true",
+                   help="--interleaved: also the cpu kernel with forward tiles of 64 positions")
     a = p.parse_args()
     if a.interleaved:
-        interleaved(a.shape, a.repeats, a.threads)
+        backends = ("ref", "cpu", "cpu-tile64", "chunked") if a.tile_ab else ("ref", "cpu", "chunked")
+        interleaved(a.shape, a.repeats, a.threads, backends, a.ref_repeats if a.tile_ab else None)
         return
     if a.worker:
         print(json.dumps(worker(a.worker[0], a.worker[1], a.repeats, a.threads, a.fwd_only)))
