@@ -263,6 +263,21 @@ if AVAILABLE:
                 for n in range(N):
                     tab[n, k, j] = _exp(x * a_blk[n, j])
 
+    @njit(cache=True, error_model="numpy")
+    def _item_constants(At, bias, lev, b, d0, w, softplus):
+        """A work item's A block (N, w) and, with levels, its level tables (``_level_tables``)."""
+        N = At.shape[0]
+        a_blk = np.empty((N, w), np.float32)
+        for n in range(N):
+            for j in range(w):
+                a_blk[n, j] = At[n, d0 + j]
+        tab = np.empty((N, LEVELS, w), np.float32)
+        dlt = np.empty((LEVELS, w), np.float32)
+        sgt = np.empty((LEVELS, w), np.float32)
+        if lev.shape[0] > 0:
+            _level_tables(lev[b], bias, d0, w, a_blk, softplus, dlt, sgt, tab)
+        return a_blk, dlt, sgt, tab
+
     @njit(inline="always", cache=True, error_model="numpy")
     def _pick(c, x0, x1, x2, x3):
         """x_c for c in 0..3, as two levels of selects (vectorizes; a table index would not)."""
@@ -372,15 +387,7 @@ if AVAILABLE:
             g = (item // nblk) % G
             d0 = g * dg + (item % nblk) * width
             w = min(width, g * dg + dg - d0)
-            a_blk = np.empty((N, w), np.float32)
-            for n in range(N):
-                for j in range(w):
-                    a_blk[n, j] = At[n, d0 + j]
-            tab = np.empty((N, LEVELS, w), np.float32)
-            dlt = np.empty((LEVELS, w), np.float32)
-            sgt = np.empty((LEVELS, w), np.float32)
-            if lev.shape[0] > 0:
-                _level_tables(lev[b], bias, d0, w, a_blk, softplus, dlt, sgt, tab)
+            a_blk, dlt, sgt, tab = _item_constants(At, bias, lev, b, d0, w, softplus)
             codes = np.empty((tile, w), np.int32)
             h = np.zeros((N, w), np.float32)
             dl = np.empty((tile, w), np.float32)
@@ -397,6 +404,7 @@ if AVAILABLE:
                     for j in range(w):
                         du[i, j] = dl[i, j] * uu[i, j]
                         y[i, j] = Dv[d0 + j] * uu[i, j]
+                # the state loop twice, looked up or computed: a choice inside it would stop it vectorizing
                 if misses == 0:  # every decay of the tile is in the table
                     for i in range(T):
                         if save and (t0 + i) % chunk == 0:
@@ -466,15 +474,7 @@ if AVAILABLE:
             d0 = g * dg + blk * width
             w = min(width, g * dg + dg - d0)
             wpad = (w + _LANES - 1) // _LANES * _LANES
-            a_blk = np.empty((N, w), np.float32)
-            for n in range(N):
-                for j in range(w):
-                    a_blk[n, j] = At[n, d0 + j]
-            tab = np.empty((N, LEVELS, w), np.float32)
-            dlt = np.empty((LEVELS, w), np.float32)
-            sgt = np.empty((LEVELS, w), np.float32)
-            if lev.shape[0] > 0:
-                _level_tables(lev[b], bias, d0, w, a_blk, softplus, dlt, sgt, tab)
+            a_blk, dlt, sgt, tab = _item_constants(At, bias, lev, b, d0, w, softplus)
             codes = np.empty((chunk, w), np.int32)
             hbuf = np.empty((chunk + 1, N, w), np.float32)  # hbuf[i] = state before step i of the chunk
             abuf = np.empty((chunk, N, w), np.float32)  # exp(δ·A) of each step
