@@ -235,6 +235,9 @@ def test_restore_uses_int8_for_packed_models(tmp_path, capsys):
     assert "s per image (int8)" in err and "(int8)" in err.splitlines()[0]
     assert main(["restore", str(src), "-o", str(tmp_path / "fake.png"), "-m", model, "--fake-quant"]) == 0
     assert "s per image (fake-quant)" in capsys.readouterr().err
+    by_name = ["restore", str(src), "-o", str(tmp_path / "by-name.png"), "-m", "light-sr-x4-qmambair-w4a4"]
+    assert main(by_name) == 0  # a shipped .qmb named by its name is a .qmb too
+    assert "s per image (int8)" in capsys.readouterr().err
     a, b = read_image(tmp_path / "int8.png"), read_image(tmp_path / "fake.png")
     assert a.shape == b.shape == (96, 80, 3)
     levels_a, levels_b = (np.rint(x * 255).astype(np.int16) for x in (a, b))  # 8-bit levels, exact integers

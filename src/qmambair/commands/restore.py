@@ -176,7 +176,11 @@ def inference_mode(model: torch.nn.Module, spec: str, device: str, fake_quant: b
     the model will run in: "float", "fake-quant" or "int8"."""
     if getattr(model, "quant_config", None) is None:
         return "float"
-    if fake_quant or Path(spec).suffix.lower() != ".qmb" or torch.device(device).type != "cpu":
+    from ..models.checkpoint import locate_model_file
+
+    path = locate_model_file(spec, presets=True)  # a shipped model's name: its file
+    packed = path is not None and path.suffix.lower() == ".qmb"
+    if fake_quant or not packed or torch.device(device).type != "cpu":
         return "fake-quant"
     import warnings
 
