@@ -4,8 +4,10 @@ Why it is fast: each parallel work item is one (batch, group, block of channels)
 the block are the innermost, contiguous loop, so every state update ``h = exp(δ·A)·h + δ·u·B`` of 16
 channels is one AVX-512 instruction stream. ``exp`` is a hand-written float32 polynomial (error < 1e-7
 relative) because the libm call does not vectorize; softplus and sigmoid are built on it. (B, D', L) inputs
-are transposed tile by tile (``chunk`` positions at a time) into small scratch buffers inside the kernel, so
-no large copy is made.
+are transposed tile by tile (``TILE`` positions at a time in the forward, ``chunk`` in the backward) into
+small scratch buffers inside the kernel, so no large copy is made. For a delta with at most 4 values per
+sample (a 2-bit quantizer's), ``delta_levels`` lets the kernels look δ and exp(δ·A) up in per-item tables
+instead of computing them, with the same float32 results (docs/method.md §2.2).
 
 Why it is lean: the forward keeps hidden states only at chunk starts, (batch, L/chunk, N, D'). The backward
 walks the chunks from last to first, recomputes each chunk's states from its saved start state into a
