@@ -161,6 +161,56 @@ def test_kernels_integer_products_are_exact():
     assert np.array_equal(gemm, exact)
 
 
+def test_quantize_rows_codes_sums_and_clip_count():
+    """Codes, row sums and the count of clipped elements against numpy on the same float32 expression."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((300, 37)) * 2).astype(np.float32)  # more rows than one work item
+    s, b, qn, qp = np.float32(0.37), np.float32(0.21), -8.0, 7.0
+    q = np.rint(np.clip((x + b) / s, np.float32(qn), np.float32(qp)))
+    y = s * q - b
+    codes, sums = np.empty(x.shape, np.int8), np.empty(300, np.int32)
+    for lo, hi in [(-np.inf, np.inf), (-1.5, 2.0)]:
+        lo, hi = np.float32(lo), np.float32(hi)
+        count = K.quantize_rows(x, s, b, qn, qp, lo, hi, codes, sums)
+        assert np.array_equal(codes, q.astype(np.int8))
+        assert np.array_equal(sums, q.astype(np.int64).sum(1))
+        assert count == int(((y < lo) | (y > hi)).sum())
+    assert count > 0, "the finite bounds clip some elements"
+
+
+def _depthwise_case(bits: int):
+    torch.manual_seed(bits)
+    layer = QConv2d(5, 5, 3, padding=1, groups=5, act_quant=ActQuant(bits, signed=True),
+                    weight_quant=RFA(bits))
+    _train_init(layer, torch.randn(1, 5, 9, 9))
+    with torch.no_grad():
+        layer.weight.mul_(50)  # codes near the ends of the grid: the largest sums the bits allow
+    return layer, torch.randn(1, 5, 9, 9) * 50
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_depthwise_accumulator_width(bits):
+    """4-bit codes sum in int16 (twice the vector lanes), 8-bit ones would overflow int16 and sum in int32;
+    both match fake-quant, and forcing int16 on the 8-bit layer is wrong: the bound is needed."""
+    from qmambair.quant.int8 import accumulator_dtype
+
+    layer, x = _depthwise_case(bits)
+    with torch.no_grad():
+        out = int8_conv2d(layer, x)
+        assert rel_err(out, layer(x)) <= REL
+    w = layer.__dict__["_int8_weight"][1]
+    bound = max(abs(layer.act_quant.qn), abs(layer.act_quant.qp))
+    expected = np.int16 if bits == 4 else np.int32
+    assert accumulator_dtype(9, int(bound), w.abs_sum) is expected
+    if bits == 8:
+        s, b = layer.act_quant.step.item(), layer.act_quant.offset.item()
+        wrong = np.empty((5, 9, 9), np.float32)
+        K.depthwise_conv(x[0].numpy(), np.float32(s), np.float32(b), layer.act_quant.qn, layer.act_quant.qp,
+                         w.codes.numpy().reshape(5, 3, 3), 1, 1, 1, 1, w.alpha, w.beta, w.bias, wrong,
+                         np.empty(0, np.int16))
+        assert rel_err(torch.from_numpy(wrong)[None], out) > 1e-2
+
+
 def test_wide_codes_fall_back_to_exact_emulation():
     """8-bit unsigned activations (codes up to 255) do not fit int8: the layer declines and the enabled model
     still matches fake-quant through the float64 emulation."""

@@ -73,6 +73,7 @@ class Int8Weight:
     wsum: np.ndarray  # (N,) float64 Σ codes per output
     bias: np.ndarray  # (N,) float64
     fan_in: int
+    abs_sum: int  # the largest Σ |codes| of an output channel
     maps: dict  # (H, W) -> border maps of zero-padded convs
 
 
@@ -119,6 +120,7 @@ def _prepare(layer: nn.Module, weight: torch.Tensor, n_out: tuple[int, ...]) -> 
             alpha=alpha,
             beta=beta,
             wsum=flat.sum(1).to(_F64).numpy().copy(),
+            abs_sum=int(flat.abs().sum(1).max()) if n else 0,
             bias=bias,
             fan_in=flat.shape[1],
             maps={},
@@ -150,16 +152,25 @@ def _scalars(s, b, lo, hi, g: int) -> tuple[np.float32, ...]:
     return tuple(np.float32(pick(t).item()) for t in (s, b, lo, hi))
 
 
-def _clipped(x: np.ndarray, quantizer: nn.Module, sc: tuple) -> np.ndarray:
-    """Flat indices of the elements of x whose value DLS's outer clip changes (none for other quantizers)."""
+def _clipped(x: np.ndarray, quantizer: nn.Module, sc: tuple, count: int | None = None) -> np.ndarray:
+    """Flat indices of the elements of x whose value DLS's outer clip changes (none for other quantizers);
+    ``count``: their number when already known (``quantize_rows`` counts them)."""
     s, b, lo, hi = sc
     if not (np.isfinite(lo) or np.isfinite(hi)):
         return np.empty(0, dtype=np.int64)
     flat = x.reshape(-1)
-    count = int(K.count_clipped(flat, s, b, quantizer.qn, quantizer.qp, lo, hi))
+    if count is None:
+        count = int(K.count_clipped(flat, s, b, quantizer.qn, quantizer.qp, lo, hi))
     if count == 0:
         return np.empty(0, dtype=np.int64)
     return K.clipped_indices(flat, s, b, quantizer.qn, quantizer.qp, lo, hi, count)
+
+
+def accumulator_dtype(taps: int, act_bound: int, weight_bound: int) -> type:
+    """np.int16 when no depthwise sum can leave int16's range, else np.int32: |Σ q_a·q_w| <= act_bound times
+    ``weight_bound`` (the largest Σ |q_w| of an output channel), |Σ q_a| <= taps·act_bound."""
+    limit = np.iinfo(np.int16).max
+    return np.int16 if max(act_bound * weight_bound, taps * act_bound) <= limit else np.int32
 
 
 @torch.no_grad()
@@ -183,11 +194,11 @@ def int8_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor | None:
     for g in range(groups):
         x2 = xg[g].numpy()
         sc = _scalars(s, b, lo, hi, g)
-        K.quantize_rows(x2, sc[0], sc[1], quantizer.qn, quantizer.qp, codes, sums)
+        count = K.quantize_rows(x2, sc[0], sc[1], quantizer.qn, quantizer.qp, sc[2], sc[3], codes, sums)
         torch._int_mm(torch.from_numpy(codes), w_mat, out=torch.from_numpy(acc))
         o = out[g].numpy()
         K.rescale_rows(acc, sums, sc[0], sc[1], w.alpha, w.beta, w.wsum, float(w.fan_in), w.bias, o)
-        idx = _clipped(x2, quantizer, sc)
+        idx = _clipped(x2, quantizer, sc, int(count))
         if idx.size:
             w_hat = w.alpha[:, None] * w.codes.numpy().astype(np.float64) - w.beta[:, None]  # (N, K)
             K.add_clip_rows(x2, idx, sc[0], sc[1], quantizer.qn, quantizer.qp, sc[2], sc[3], w_hat, o)
@@ -255,8 +266,10 @@ def int8_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor | None:
             return None  # DLS clipped some elements: the exact emulation corrects them
         if depthwise:
             wq = w.codes.numpy().reshape(n, kh, kw)
+            bound = int(max(abs(quantizer.qn), abs(quantizer.qp)))
+            acc_type = np.empty(0, accumulator_dtype(kh * kw, bound, w.abs_sum))
             K.depthwise_conv(xi, sc[0], sc[1], quantizer.qn, quantizer.qp, wq, ph, pw, dh, dw, w.alpha,
-                             w.beta, w.bias, o)
+                             w.beta, w.bias, o, acc_type)
             continue
         codes = scratch("codes", (c, h * wd), np.int8)
         sums = scratch("sums", (h * wd,), np.int32)
