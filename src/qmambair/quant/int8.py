@@ -15,6 +15,7 @@ float64 emulation of ``qmambair.quant.integer`` for that call.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from . import int8_kernels as K
 from .affine_params import affine_params
+from .dls import DLS
 from .layers import QConv2d, QLinear, QProjection
 from .pack import weight_codes
 
@@ -81,20 +83,47 @@ def _fits_int8(t: torch.Tensor) -> bool:
     return t.numel() == 0 or (int(t.min()) >= INT8_RANGE[0] and int(t.max()) <= INT8_RANGE[1])
 
 
-def _activation_fits(quantizer: nn.Module) -> bool:
-    return INT8_RANGE[0] <= int(quantizer.qn) and int(quantizer.qp) <= INT8_RANGE[1]
+def _activation_fits(bounds: tuple[float, float]) -> bool:
+    return INT8_RANGE[0] <= int(bounds[0]) and int(bounds[1]) <= INT8_RANGE[1]
+
+
+def _own_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """``module``'s parameters; read from its own dictionary when it has no submodules (a quantizer), which
+    costs a fraction of a ``parameters()`` walk (this runs on every layer call)."""
+    if module._modules:
+        return list(module.parameters())
+    return [t for t in module._parameters.values() if t is not None]
+
+
+def _tensor_key(tensors: list[torch.Tensor]) -> tuple:
+    """Storage and version counter of each tensor (in-place updates such as optimiser steps or
+    ``load_state_dict`` bump the version; replacing a tensor changes its storage)."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 def _cache_key(layer: nn.Module, weight: torch.Tensor) -> tuple:
     """What the prepared weight depends on: the weight (or frozen codes), the quantizer's parameters and the
-    bias, each by storage and version counter (in-place updates such as optimiser steps bump the version)."""
+    bias."""
     frozen = getattr(layer.weight_quant, "frozen_codes", None)
     source = frozen if frozen is not None else weight
-    tensors = [*layer.weight_quant.parameters()]
+    tensors = _own_parameters(layer.weight_quant)
     if getattr(layer, "bias", None) is not None:
         tensors.append(layer.bias)
-    versions = tuple((t.data_ptr(), t._version) for t in tensors)
-    return (source.data_ptr(), source._version, tuple(source.shape), versions)
+    return (source.data_ptr(), source._version, tuple(source.shape), _tensor_key(tensors))
+
+
+def act_rows(quantizer: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """``act_scalars`` as a (G, 4) float32 array of rows (s, b, lo, hi), for the kernels. A quantizer whose
+    map does not depend on x (all but DLS) is read once and kept while its parameters are unchanged."""
+    if isinstance(quantizer, DLS):
+        return np.stack([t.numpy() for t in act_scalars(quantizer, x)], 1)
+    key = _tensor_key(_own_parameters(quantizer))
+    kept = quantizer.__dict__.get("_int8_act_rows")
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    rows = np.stack([t.numpy() for t in act_scalars(quantizer, x)], 1)
+    quantizer.__dict__["_int8_act_rows"] = (key, rows)
+    return rows
 
 
 def _prepare(layer: nn.Module, weight: torch.Tensor, n_out: tuple[int, ...]) -> Int8Weight | None:
@@ -139,20 +168,20 @@ def scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
     all instead of allocating megabytes per call.
     """
     pool = _POOL.__dict__.setdefault("buffers", {})
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     buf = pool.get(name)
     if buf is None or buf.dtype != dtype or buf.size < size:
         buf = pool[name] = np.empty(max(size, 1), dtype=dtype)
     return buf[:size].reshape(shape)
 
 
-def _scalars(s, b, lo, hi, g: int) -> tuple[np.float32, ...]:
-    """The four activation scalars of group ``g`` (or of the only group) as numpy float32."""
-    pick = (lambda t: t[g]) if s.numel() > 1 else (lambda t: t[0])
-    return tuple(np.float32(pick(t).item()) for t in (s, b, lo, hi))
+def _scalars(rows: np.ndarray, g: int) -> tuple[np.float32, ...]:
+    """The four activation scalars (s, b, lo, hi) of group ``g`` (or of the only group) as numpy float32."""
+    s, b, lo, hi = rows[g if rows.shape[0] > 1 else 0]
+    return s, b, lo, hi
 
 
-def _clipped(x: np.ndarray, quantizer: nn.Module, sc: tuple, count: int | None = None) -> np.ndarray:
+def _clipped(x: np.ndarray, bounds: tuple[float, float], sc: tuple, count: int | None = None) -> np.ndarray:
     """Flat indices of the elements of x whose value DLS's outer clip changes (none for other quantizers);
     ``count``: their number when already known (``quantize_rows`` counts them)."""
     s, b, lo, hi = sc
@@ -160,10 +189,10 @@ def _clipped(x: np.ndarray, quantizer: nn.Module, sc: tuple, count: int | None =
         return np.empty(0, dtype=np.int64)
     flat = x.reshape(-1)
     if count is None:
-        count = int(K.count_clipped(flat, s, b, quantizer.qn, quantizer.qp, lo, hi))
+        count = int(K.count_clipped(flat, s, b, bounds[0], bounds[1], lo, hi))
     if count == 0:
         return np.empty(0, dtype=np.int64)
-    return K.clipped_indices(flat, s, b, quantizer.qn, quantizer.qp, lo, hi, count)
+    return K.clipped_indices(flat, s, b, bounds[0], bounds[1], lo, hi, count)
 
 
 def accumulator_dtype(taps: int, act_bound: int, weight_bound: int) -> type:
@@ -177,13 +206,14 @@ def accumulator_dtype(taps: int, act_bound: int, weight_bound: int) -> type:
 def int8_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor | None:
     """QLinear through int8 codes; DLS's clipped elements are corrected exactly (sparse rank-1 updates)."""
     quantizer = layer.act_quant
-    if not _activation_fits(quantizer) or x.dtype != torch.float32 or x.dim() < 1:
+    qn, qp = bounds = quantizer.bounds
+    if not _activation_fits(bounds) or x.dtype != torch.float32 or x.dim() < 1:
         return None
     w = _prepare(layer, layer.weight, (layer.out_features,))
     if w is None:
         return None
-    s, b, lo, hi = act_scalars(quantizer, x)
-    groups = s.numel()
+    act = act_rows(quantizer, x)
+    groups = act.shape[0]
     xg = x.contiguous().reshape(groups, -1, layer.in_features)
     rows, k = xg.shape[1], xg.shape[2]
     out = torch.empty(groups, rows, layer.out_features)
@@ -193,15 +223,15 @@ def int8_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor | None:
     acc = scratch("acc", (rows, layer.out_features), np.int32)
     for g in range(groups):
         x2 = xg[g].numpy()
-        sc = _scalars(s, b, lo, hi, g)
-        count = K.quantize_rows(x2, sc[0], sc[1], quantizer.qn, quantizer.qp, sc[2], sc[3], codes, sums)
+        sc = _scalars(act, g)
+        count = K.quantize_rows(x2, sc[0], sc[1], qn, qp, sc[2], sc[3], codes, sums)
         torch._int_mm(torch.from_numpy(codes), w_mat, out=torch.from_numpy(acc))
         o = out[g].numpy()
         K.rescale_rows(acc, sums, sc[0], sc[1], w.alpha, w.beta, w.wsum, float(w.fan_in), w.bias, o)
-        idx = _clipped(x2, quantizer, sc, int(count))
+        idx = _clipped(x2, bounds, sc, int(count))
         if idx.size:
             w_hat = w.alpha[:, None] * w.codes.numpy().astype(np.float64) - w.beta[:, None]  # (N, K)
-            K.add_clip_rows(x2, idx, sc[0], sc[1], quantizer.qn, quantizer.qp, sc[2], sc[3], w_hat, o)
+            K.add_clip_rows(x2, idx, sc[0], sc[1], qn, qp, sc[2], sc[3], w_hat, o)
     return out.reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -209,9 +239,9 @@ def _border_maps(layer: QConv2d, w: Int8Weight, h: int, wd: int) -> tuple[np.nda
     """(Σ of the real taps' weight codes per output channel and position, number of real taps per position)
     of a zero-padded conv; single columns for 1x1 convs without padding."""
     kh, kw = layer.kernel_size
-    if kh == kw == 1 and layer.padding == (0, 0):
-        return w.wsum[:, None].copy(), np.array([float(w.fan_in)])
-    key = (h, wd)
+    key = "1x1" if kh == kw == 1 and layer.padding == (0, 0) else (h, wd)
+    if key == "1x1" and key not in w.maps:
+        w.maps[key] = (w.wsum[:, None].copy(), np.array([float(w.fan_in)]))
     if key not in w.maps:
         n, c = layer.out_channels, layer.in_channels
         taps = w.codes.to(_F64).reshape(n, c, kh, kw).sum(1, keepdim=True)  # (N, 1, kh, kw)
@@ -241,9 +271,10 @@ def _plain_conv(layer: QConv2d) -> bool:
 def int8_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor | None:
     """QConv2d through int8 codes: dense convs as (im2col +) int8 GEMM, depthwise ones in a numba kernel."""
     quantizer = layer.act_quant
+    qn, qp = bounds = quantizer.bounds
     depthwise = layer.groups == layer.in_channels == layer.out_channels and layer.groups > 1
     if (
-        not _activation_fits(quantizer)
+        not _activation_fits(bounds)
         or x.dtype != torch.float32
         or x.dim() != 4
         or not _plain_conv(layer)
@@ -253,27 +284,26 @@ def int8_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor | None:
     w = _prepare(layer, layer.weight, (layer.out_channels,))
     if w is None:
         return None
-    s, b, lo, hi = act_scalars(quantizer, x)
+    act = act_rows(quantizer, x)
     x = x.contiguous()
     batch, c, h, wd = x.shape
     n = layer.out_channels
     out = torch.empty(batch, n, h, wd)
     (kh, kw), (ph, pw), (dh, dw) = layer.kernel_size, layer.padding, layer.dilation
     for i in range(batch):
-        sc = _scalars(s, b, lo, hi, i)
+        sc = _scalars(act, i)
         xi, o = x[i].numpy(), out[i].numpy()
-        if _clipped(xi, quantizer, sc).size:
+        if _clipped(xi, bounds, sc).size:
             return None  # DLS clipped some elements: the exact emulation corrects them
         if depthwise:
             wq = w.codes.numpy().reshape(n, kh, kw)
-            bound = int(max(abs(quantizer.qn), abs(quantizer.qp)))
-            acc_type = np.empty(0, accumulator_dtype(kh * kw, bound, w.abs_sum))
-            K.depthwise_conv(xi, sc[0], sc[1], quantizer.qn, quantizer.qp, wq, ph, pw, dh, dw, w.alpha,
-                             w.beta, w.bias, o, acc_type)
+            acc_type = np.empty(0, accumulator_dtype(kh * kw, int(max(-qn, qp)), w.abs_sum))
+            K.depthwise_conv(xi, sc[0], sc[1], qn, qp, wq, ph, pw, dh, dw, w.alpha, w.beta, w.bias, o,
+                             acc_type)
             continue
         codes = scratch("codes", (c, h * wd), np.int8)
         sums = scratch("sums", (h * wd,), np.int32)
-        K.quantize_planes(xi.reshape(c, h * wd), sc[0], sc[1], quantizer.qn, quantizer.qp, codes, sums)
+        K.quantize_planes(xi.reshape(c, h * wd), sc[0], sc[1], qn, qp, codes, sums)
         cols = codes
         if (kh, kw) != (1, 1):
             cols = scratch("cols", (c * kh * kw, h * wd), np.int8)
@@ -290,13 +320,14 @@ def int8_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor | None:
 def int8_projection(layer: QProjection, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """QProjection (b, K, d, L) x (K, c, d) -> (b, K, c, L): one integer product per sample and direction."""
     quantizer = layer.act_quant
-    if not _activation_fits(quantizer) or x.dtype != torch.float32 or x.dim() != 4:
+    qn, qp = bounds = quantizer.bounds
+    if not _activation_fits(bounds) or x.dtype != torch.float32 or x.dim() != 4:
         return None
     k, c, d = weight.shape
     w = _prepare(layer, weight, (k, c))
     if w is None:
         return None
-    s, b, lo, hi = act_scalars(quantizer, x)
+    act = act_rows(quantizer, x)
     x = x.contiguous()
     batch, _, _, length = x.shape
     out = torch.empty(batch, k, c, length)
@@ -304,21 +335,33 @@ def int8_projection(layer: QProjection, x: torch.Tensor, weight: torch.Tensor) -
     codes = scratch("codes", (d, length), np.int8)
     sums = scratch("sums", (length,), np.int32)
     acc = scratch("acc", (c, length), np.int32)
+    codes_t, acc_t = torch.from_numpy(codes), torch.from_numpy(acc)
+    xn, on = x.numpy(), out.numpy()
     for i in range(batch):
-        sc = _scalars(s, b, lo, hi, i)
-        if _clipped(x[i].numpy(), quantizer, sc).size:
+        sc = _scalars(act, i)
+        if _clipped(xn[i], bounds, sc).size:
             return None
-        for j in range(k):
-            K.quantize_planes(x[i, j].numpy(), sc[0], sc[1], quantizer.qn, quantizer.qp, codes, sums)
+        for j, (w_codes, w_np, alpha, beta, wsum) in enumerate(_directions(w, k)):
+            K.quantize_planes(xn[i, j], sc[0], sc[1], qn, qp, codes, sums)
             if d <= K.SMALL_K:
-                K.small_project(w.codes[j].numpy(), codes, acc)
+                K.small_project(w_np, codes, acc)
             else:
-                torch._int_mm(w.codes[j], torch.from_numpy(codes), out=torch.from_numpy(acc))
-            rows = slice(j * c, (j + 1) * c)
-            wsum = w.wsum[rows, None].copy()
-            K.rescale_planes(acc, sums, sc[0], sc[1], w.alpha[rows], w.beta[rows], wsum, count_map, no_bias,
-                             out[i, j].numpy())
+                torch._int_mm(w_codes, codes_t, out=acc_t)
+            K.rescale_planes(acc, sums, sc[0], sc[1], alpha, beta, wsum, count_map, no_bias, on[i, j])
     return out
+
+
+def _directions(w: Int8Weight, k: int) -> list[tuple]:
+    """Per direction of a projection weight (K, c, d): (codes as a tensor and as an array, α, β, Σ codes as a
+    column), sliced once per prepared weight."""
+    if "directions" not in w.maps:
+        c = w.codes.shape[1]
+        rows = [slice(j * c, (j + 1) * c) for j in range(k)]
+        w.maps["directions"] = [
+            (w.codes[j], w.codes[j].numpy(), w.alpha[r].copy(), w.beta[r].copy(), w.wsum[r, None].copy())
+            for j, r in enumerate(rows)
+        ]
+    return w.maps["directions"]
 
 
 INT8_FORWARD = {QConv2d: int8_conv2d, QLinear: int8_linear, QProjection: int8_projection}
