@@ -239,6 +239,21 @@ def test_weight_cache_follows_the_weight():
         assert rel_err(int8_conv2d(layer, x), layer(x)) <= REL
 
 
+def test_activation_scalars_follow_the_quantizer():
+    """The kept activation step/offset are refreshed when the quantizer's parameters change in place or are
+    replaced (as an optimiser step or ``load_state_dict`` would), not reused stale."""
+    layer = conv(4, 6, 6, 1)
+    x = torch.randn(1, 6, 5, 5)
+    with torch.no_grad():
+        before = int8_conv2d(layer, x)
+        layer.act_quant.step.mul_(1.7)
+        after = int8_conv2d(layer, x)
+        assert rel_err(after, layer(x)) <= REL
+        assert rel_err(after, before) > 1e-2
+        layer.act_quant.offset = torch.nn.Parameter(torch.tensor(-0.4))
+        assert rel_err(int8_conv2d(layer, x), layer(x)) <= REL
+
+
 @pytest.mark.parametrize("name", ["light-sr-x4-qmambair-w4a4", "light-sr-x2-lsq-w2a2"])
 def test_shipped_model_int8_matches_fake_quant(name):
     """End to end on a real image: at least 50 dB against fake-quant, and every quantized layer in int8."""
