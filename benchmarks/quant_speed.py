@@ -4,7 +4,9 @@ Models (light ×N from the shipped float weights): the float model, and the same
 Q-MambaIR and with LSQ at ``--bits`` (quantizers initialised on one training batch), each with its own Adam.
 Training step = forward, L1 loss, backward, Adam step on a batch of ``--batch`` LR patches of ``--lr-size``
 pixels. Inference = no-grad eval forward of one ``--infer-size`` LR image, for the float model, the fresh
-fake-quant models and the shipped packed ``.qmb`` models (``--packed``, W4A4 by default). Inference runs on
+fake-quant models and the shipped packed ``.qmb`` models (``--packed``, W4A4 by default), these both with the
+fused fake quantizers and in integer inference (int8 kernels, what ``qmambair restore`` runs for a ``.qmb``;
+docs/method.md §6). Inference runs on
 its own copy of each model, kept in eval mode: the training cases' ``train()`` and optimizer steps would
 otherwise drop the quantized-weight cache before every inference call, which a deployed model keeps. Each
 repeat runs every case once, in turn, on the same inputs; the table gives medians and the ratio to float.
@@ -66,6 +68,7 @@ def build_cases(args: argparse.Namespace) -> tuple[Cases, Cases]:
     from qmambair import load_model
     from qmambair.quant import QuantConfig, quantize_model
     from qmambair.quant.fused import quant_kernels
+    from qmambair.quant.integer import enable_integer_inference
 
     torch.manual_seed(0)
     fp_name = f"light-sr-x{args.scale}-fp"
@@ -122,6 +125,14 @@ def build_cases(args: argparse.Namespace) -> tuple[Cases, Cases]:
                             model(image)
 
                     infer_cases[f"{name}.qmb ({kernel})"] = infer_packed
+                integer = load_model(name).eval()
+                enable_integer_inference(integer, strict=True)
+
+                def infer_int8(model=integer) -> None:
+                    with torch.no_grad():
+                        model(image)
+
+                infer_cases[f"{name}.qmb (int8, restore's default)"] = infer_int8
     if args.levels_ab:
         train_cases, infer_cases = with_computed_decays(train_cases), with_computed_decays(infer_cases)
     if args.denormals_ab:

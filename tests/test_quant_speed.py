@@ -72,3 +72,28 @@ def test_levels_ab_times_each_quantized_case_with_the_decays_computed(quant_spee
     assert scan_cpu.decay_lookups()["forward"][0] == 0
     infer_cases["lsq (fused)"]()  # the A/B variant put QScan back as it was
     assert scan_cpu.decay_lookups()["forward"][0] > 0
+
+
+def test_packed_models_are_timed_in_fake_quant_and_in_int8(quant_speed):
+    """Each shipped .qmb is timed as loaded (fused fake quantizers) and in integer inference, the mode
+    ``qmambair restore`` runs: every quantized layer of that copy has its int8 forward switched on."""
+    pytest.importorskip("numba")
+    from qmambair.quant import QConv2d, QLinear
+    from qmambair.quant.layers import QProjection
+
+    args = argparse.Namespace(scale=4, bits=2, batch=1, lr_size=8, infer_size=8, methods="fp",
+                              quant_kernels="fused", packed="4", load_quant_ab=False, denormals_ab=False,
+                              levels_ab=False)
+    _, infer_cases = quant_speed.build_cases(args)
+    names = [f"light-sr-x4-{m}-w4a4.qmb" for m in ("qmambair", "lsq")]
+    expected = ["float"] + [f"{n} ({mode})" for n in names for mode in ("fused", "int8, restore's default")]
+    assert list(infer_cases) == expected
+    fake, integer = (infer_cases[expected[i]].__defaults__[0] for i in (1, 2))
+    assert fake is not integer
+    def layers(model):
+        return [m for m in model.modules() if isinstance(m, QConv2d | QLinear | QProjection)]
+
+    assert layers(integer) and all("forward" in m.__dict__ for m in layers(integer))
+    assert not any("forward" in m.__dict__ for m in layers(fake))
+    for case in expected:
+        infer_cases[case]()
