@@ -231,8 +231,8 @@ if AVAILABLE:
         weight sums (Σ q_w, #taps over the real taps) are constants away from the border.
 
         ``acc_type``: an empty array whose dtype (int16 or int32) the codes and both sums are held in. int16
-        vectors hold twice the lanes (the kernel runs ~2x faster); the caller picks int16 only where no
-        sum can leave its range (``accumulator_dtype``), so the sums are the same integers either way."""
+        vectors hold twice the lanes of int32 ones; the caller picks int16 only where no sum can leave its
+        range (``int8.accumulator_dtype``), so the sums are the same integers either way."""
         c_in, h, w = x.shape
         kh, kw = wq.shape[1], wq.shape[2]
         fqn, fqp = np.float32(qn), np.float32(qp)
