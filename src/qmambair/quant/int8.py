@@ -76,7 +76,7 @@ class Int8Weight:
     bias: np.ndarray  # (N,) float64
     fan_in: int
     abs_sum: int  # the largest Σ |codes| of an output channel
-    maps: dict  # (H, W) -> border maps of zero-padded convs
+    maps: dict  # derived arrays made once: (H, W) or "1x1" -> border maps; "directions" -> projection slices
 
 
 def _fits_int8(t: torch.Tensor) -> bool:
