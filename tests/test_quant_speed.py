@@ -90,6 +90,7 @@ def test_packed_models_are_timed_in_fake_quant_and_in_int8(quant_speed):
     assert list(infer_cases) == expected
     fake, integer = (infer_cases[expected[i]].__defaults__[0] for i in (1, 2))
     assert fake is not integer
+
     def layers(model):
         return [m for m in model.modules() if isinstance(m, QConv2d | QLinear | QProjection)]
 
