@@ -21,6 +21,13 @@ backend's speed-up over the reference loop (ratio of medians). Memory is not mea
 as before the forward read tiles of 256; docs/method.md §2.2), so the tile size is measured side by side.
 
     python benchmarks/scan.py --interleaved --tile-ab --shape light-128 --ref-repeats 1
+
+``--state-sweep`` times the fused CPU forward (no grad) of ``--shape`` with N = 1, 2, 4, 10 and 16 states,
+the other sizes fixed, and prints the time per (position, channel) and per state update: the part that does
+not grow with N is the work done once per position and channel (reading u and Δ into the kernel's tiles,
+softplus, D·u, writing y), the slope is the state update itself.
+
+    python benchmarks/scan.py --state-sweep --shape light-128 --threads 1
 """
 
 from __future__ import annotations
@@ -160,6 +167,43 @@ def interleaved(shape_name: str, repeats: int, threads: int, backends=("ref", "c
         print(f"| {backend} | {f:,.1f} | {fb:,.1f} | {up:.1f}× | {up_b:.1f}× |")
 
 
+def state_sweep(shape_name: str, repeats: int, threads: int, states=(1, 2, 4, 10, 16)) -> dict[int, float]:
+    """Median seconds of the fused CPU forward (no grad) of ``shape_name`` with each number of states, the
+    cases run in turn; prints a table and returns {N: seconds}."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from qmambair.scan import selective_scan
+    from qmambair.train.trainer import set_threads
+
+    set_threads(threads)  # torch's and numba's threads
+    b, g, c, _, length = SHAPES[shape_name]
+    inputs = {n: _inputs((b, g, c, n, length), grad=False) for n in states}
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            selective_scan(**inputs[n], delta_softplus=True, backend="cpu")
+        return time.perf_counter() - start
+
+    times: dict[int, list[float]] = {n: [] for n in states}
+    for n in states:  # warm-up: kernel compilation / cache load, allocations
+        run(n)
+    for _ in range(repeats):
+        for n in states:
+            times[n].append(run(n))
+    med = {n: statistics.median(v) for n, v in times.items()}
+    items = b * g * c * length  # (position, channel) pairs
+    print(f"# fused CPU scan forward, {shape_name} (batch {b}, D'={g * c}, L={length}) with N states, one "
+          f"process, {threads} threads, torch {torch.__version__}, median of {repeats} interleaved runs\n")
+    print("| N | fwd ms | ns per (position, channel) | ns per state update |")
+    print("|---:|---:|---:|---:|")
+    for n in states:
+        per_item = med[n] / items * 1e9
+        print(f"| {n} | {med[n] * 1e3:,.1f} | {per_item:.2f} | {per_item / n:.3f} |")
+    return med
+
+
 def _spawn(args: list[str], threads: int, extra_env: dict | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads), **(extra_env or {}))
     env.pop("QMAMBAIR_SCAN", None)
@@ -200,7 +244,12 @@ def main() -> None:
     p.add_argument("--shape", choices=tuple(SHAPES), default="light", help="shape for --interleaved")
     p.add_argument("--tile-ab", action="store_true",
                    help="--interleaved: also the cpu kernel with forward tiles of 64 positions")
+    p.add_argument("--state-sweep", action="store_true",
+                   help="time the cpu forward of --shape with N = 1, 2, 4, 10, 16 states (see above)")
     a = p.parse_args()
+    if a.state_sweep:
+        state_sweep(a.shape, a.repeats, a.threads)
+        return
     if a.interleaved:
         backends = ("ref", "cpu", "cpu-tile64", "chunked") if a.tile_ab else ("ref", "cpu", "chunked")
         interleaved(a.shape, a.repeats, a.threads, backends, a.ref_repeats if a.tile_ab else None)

@@ -35,3 +35,25 @@ def test_tile_ab_times_the_cpu_kernel_with_tiles_of_64_and_puts_the_tile_back(mo
     rows = [line.split("|")[1].strip() for line in lines if line.startswith("| ")]
     assert rows[1:] == ["ref", "cpu", "cpu-tile64"]
     assert set(seen) == {scan_cpu.TILE, 64} and scan_cpu.TILE == 256  # both sizes ran; the module's is back
+
+
+def test_state_sweep_times_each_number_of_states(monkeypatch, capsys):
+    import numba
+    import torch
+
+    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    with benchmark_scripts("scan") as scripts:
+        bench = scripts["scan"]
+        monkeypatch.setitem(bench.SHAPES, "tiny", (1, 2, 3, 99, 300))
+        try:
+            med = bench.state_sweep("tiny", 2, 1, states=(1, 3))
+        finally:
+            torch.set_num_threads(threads)
+            numba.set_num_threads(numba_threads)
+    assert set(med) == {1, 3} and all(v > 0 for v in med.values())
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r[1].strip() for r in rows[1:]] == ["1", "3"]
+    per_update = [float(r[4]) for r in rows[1:]]
+    per_item = [float(r[3]) for r in rows[1:]]
+    assert per_update[0] == pytest.approx(per_item[0], abs=0.006)  # one state: the same quantity
+    assert per_update[1] * 3 == pytest.approx(per_item[1], abs=0.02)
