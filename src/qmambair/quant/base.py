@@ -51,15 +51,21 @@ def ste_clamp(x: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | f
     return torch.minimum(torch.maximum(x, low_t), high_t)
 
 
+def own_tensors(module: nn.Module, buffers: bool = True) -> list[torch.Tensor]:
+    """``module``'s parameters (and buffers). Read from the module's own dictionaries when it has no
+    submodules (a quantizer), which costs a fraction of a ``parameters()`` walk: the inference caches call
+    this on every layer call."""
+    if module._modules:
+        tensors = [*module.parameters(), *(module.buffers() if buffers else ())]
+    else:
+        tensors = [*module._parameters.values(), *(module._buffers.values() if buffers else ())]
+    return [t for t in tensors if t is not None]
+
+
 def state_versions(module: nn.Module) -> tuple[int, ...]:
     """The version counters of ``module``'s parameters and buffers, which in-place updates (optimiser steps,
-    ``load_state_dict``, ``fill_``) advance: part of the keys of the inference caches. Read from the module's
-    own dictionaries (a quantizer has no submodules), which costs a fraction of a ``parameters()`` walk."""
-    if module._modules:
-        tensors = (*module.parameters(), *module.buffers())
-    else:
-        tensors = (*module._parameters.values(), *module._buffers.values())
-    return tuple(t._version for t in tensors if t is not None)
+    ``load_state_dict``, ``fill_``) advance: part of the keys of the inference caches."""
+    return tuple(t._version for t in own_tensors(module))
 
 
 class Quantizer(nn.Module):

@@ -39,7 +39,7 @@ _LOADED: list = []  # [the kernels module or None] once imported
 
 def _kernels():
     """The numba kernels, or None when numba is missing or broken (the eager path then runs). Called on
-    every quantizer call: a list lookup (the ``functools.cache`` wrapper it replaced took 2–5 µs a call)."""
+    every quantizer call: a list lookup, cheaper than the ``functools.cache`` wrapper it replaced."""
     if not _LOADED:
         try:
             from . import kernels

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import int8_kernels as K
 from .affine_params import affine_params
+from .base import own_tensors
 from .dls import DLS
 from .layers import QConv2d, QLinear, QProjection
 from .pack import weight_codes
@@ -87,14 +88,6 @@ def _activation_fits(bounds: tuple[float, float]) -> bool:
     return INT8_RANGE[0] <= int(bounds[0]) and int(bounds[1]) <= INT8_RANGE[1]
 
 
-def _own_parameters(module: nn.Module) -> list[torch.Tensor]:
-    """``module``'s parameters; read from its own dictionary when it has no submodules (a quantizer), which
-    costs a fraction of a ``parameters()`` walk (this runs on every layer call)."""
-    if module._modules:
-        return list(module.parameters())
-    return [t for t in module._parameters.values() if t is not None]
-
-
 def _tensor_key(tensors: list[torch.Tensor]) -> tuple:
     """Storage and version counter of each tensor (in-place updates such as optimiser steps or
     ``load_state_dict`` bump the version; replacing a tensor changes its storage)."""
@@ -106,7 +99,7 @@ def _cache_key(layer: nn.Module, weight: torch.Tensor) -> tuple:
     bias."""
     frozen = getattr(layer.weight_quant, "frozen_codes", None)
     source = frozen if frozen is not None else weight
-    tensors = _own_parameters(layer.weight_quant)
+    tensors = own_tensors(layer.weight_quant, buffers=False)
     if getattr(layer, "bias", None) is not None:
         tensors.append(layer.bias)
     return (source.data_ptr(), source._version, tuple(source.shape), _tensor_key(tensors))
@@ -117,7 +110,7 @@ def act_rows(quantizer: nn.Module, x: torch.Tensor) -> np.ndarray:
     map does not depend on x (all but DLS) is read once and kept while its parameters are unchanged."""
     if isinstance(quantizer, DLS):
         return np.stack([t.numpy() for t in act_scalars(quantizer, x)], 1)
-    key = _tensor_key(_own_parameters(quantizer))
+    key = _tensor_key(own_tensors(quantizer, buffers=False))
     kept = quantizer.__dict__.get("_int8_act_rows")
     if kept is not None and kept[0] == key:
         return kept[1]
