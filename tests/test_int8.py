@@ -74,6 +74,17 @@ def test_conv_matches_fake_quant(bits, shape):
         assert rel_err(out, layer(x)) <= REL
 
 
+@pytest.mark.parametrize("size", [(3, 2), (1, 1), (6, 5)])
+def test_depthwise_on_planes_that_are_mostly_border(size):
+    """Planes no wider than the padding: every position has padded taps (the border lists hold them all)."""
+    layer = conv(4, 6, 6, 3, padding=2, dilation=2, groups=6)
+    x = torch.randn(2, 6, *size) - 0.3
+    with torch.no_grad():
+        out = int8_conv2d(layer, x)
+        assert out is not None
+        assert rel_err(out, layer(x)) <= REL
+
+
 def test_conv_border_terms_matter():
     """Near the border only real taps count: a variant that treats padded taps as code 0 with the interior's
     constant weight sums is off there (the maps are needed), while equal inside."""
@@ -148,6 +159,28 @@ def test_projection_matches_fake_quant(d):
         assert rel_err(out, layer(x, weight)) <= REL
 
 
+def test_projection_on_scan_orders_multiplies_half_the_directions():
+    """x_proj's input is SS2D's scan orders (direction k + 2 = direction k reversed): with
+    ``reversed_halves`` the int8 path multiplies directions 0 and 1 only and writes 2 and 3 reversed."""
+    from qmambair.models.ss2d import scan_orders
+
+    torch.manual_seed(5)
+    plain = QProjection(ActQuant(4), RFA(4))
+    weight = torch.randn(4, 10, 24) * 0.3
+    x = scan_orders(torch.randn(2, 24, 5, 7))  # (2, 4, 24, 35)
+    _train_init(plain, x, weight)
+    _offsets(plain)
+    halves = QProjection(plain.act_quant, plain.weight_quant, reversed_halves=True)
+    with torch.no_grad():
+        ref = plain(x, weight)  # fake-quant: every direction quantized and multiplied
+        out = int8_projection(halves, x, weight)
+        assert rel_err(out, ref) <= REL
+        assert torch.equal(out, int8_projection(plain, x, weight))  # the same integers and epilogue
+        other = x.clone()
+        other[:, 2:] = torch.randn_like(other[:, 2:])  # not scan orders: directions 2, 3 still come from 0, 1
+        assert rel_err(int8_projection(halves, other, weight), plain(other, weight)) > 0.1
+
+
 def test_kernels_integer_products_are_exact():
     """small_project and the int8 GEMM against int64 arithmetic on random codes."""
     rng = np.random.default_rng(0)
@@ -205,9 +238,10 @@ def test_depthwise_accumulator_width(bits):
     if bits == 8:
         s, b = layer.act_quant.step.item(), layer.act_quant.offset.item()
         wrong = np.empty((5, 9, 9), np.float32)
+        border = w.maps[("depthwise", 9, 9)]
         K.depthwise_conv(x[0].numpy(), np.float32(s), np.float32(b), layer.act_quant.qn, layer.act_quant.qp,
-                         w.codes.numpy().reshape(5, 3, 3), 1, 1, 1, 1, w.alpha, w.beta, w.bias, wrong,
-                         np.empty(0, np.int16))
+                         w.codes.numpy().reshape(5, 3, 3), 1, 1, 1, 1, w.alpha, w.beta, w.bias, *border,
+                         wrong, np.empty(0, np.int16))
         assert rel_err(torch.from_numpy(wrong)[None], out) > 1e-2
 
 

@@ -415,6 +415,30 @@ def test_delta_levels_with_quantization_on_load():
     assert torch.equal(fast, plain)
 
 
+@pytest.mark.skipif(not HAS_CPU, reason="needs numba")
+def test_a_4_bit_delta_quantized_on_load_is_looked_up_by_code_with_the_same_result():
+    cpu = scan._cpu_module()
+    ins = make_inputs(batch=2, groups=2, per_group=20, n=4, length=600)
+    args = {k: (ins[k].float() if ins[k] is not None else None) for k in NAMES}
+    inf = math.inf  # 4 bits, per sample, a clip on sample 0 (the oracle quantizes by hand)
+    d_q = scan.LoadQuant(torch.tensor([0.3, 0.2]), torch.tensor([0.05, -0.1]), torch.tensor([-0.5, -inf]),
+                         torch.tensor([0.4, inf]), -8.0, 7.0)
+    by_hand = dict(args, delta=quantize_by_hand(args["delta"], *d_q))
+    with torch.no_grad():
+        coded = selective_scan(**args, delta_softplus=True, backend="cpu", delta_quant=d_q)
+        assert cpu.delta_code_lookups() == (12, 12)  # 2 samples x 2 groups x 3 tiles of 256 positions
+        computed = selective_scan(**by_hand, delta_softplus=True, backend="cpu")
+        assert cpu.delta_code_lookups() == (0, 12)
+        assert torch.equal(coded, computed)
+        args["delta"][1, 3, 300] = math.nan  # sample 1, group 0, tile 1: no code, computed
+        with_nan = selective_scan(**args, delta_softplus=True, backend="cpu", delta_quant=d_q)
+        assert cpu.delta_code_lookups() == (11, 12)
+        assert torch.equal(with_nan[0], coded[0]) and torch.equal(with_nan[1, 20:], coded[1, 20:])
+        wide = scan.LoadQuant(*d_q[:4], -128.0, 127.0)  # 8 bits: 256 codes, computed
+        selective_scan(**args, delta_softplus=True, backend="cpu", delta_quant=wide)
+        assert cpu.delta_code_lookups() == (0, 12)
+
+
 def test_load_quant_levels_are_the_values_the_map_outputs():
     u_q, d_q = load_quants()
     ramp = torch.linspace(-4, 4, 4001).expand(2, -1)

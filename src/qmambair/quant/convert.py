@@ -185,11 +185,13 @@ def _ss2d_places(fqn: str, m: SS2D) -> list[_Place]:
     k, d, n = DIRECTIONS, m.d_inner, m.d_state
     device = m.x_proj_weight.device
 
-    def projection(weight: torch.Tensor) -> Callable[[QuantConfig], nn.Module]:
+    def projection(weight: torch.Tensor, orders: bool = False) -> Callable[[QuantConfig], nn.Module]:
         # input (b, K, c_in, L): channels on dim 2, per (direction, channel) shape (K, c_in, 1)
         spec = ActSpec(channel_dim=2, channel_shape=(k, weight.shape[2], 1))
-        return lambda cfg: QProjection(make_act_quantizer(cfg, "act", spec),
-                                       make_weight_quantizer(cfg, weight, 2)).to(device)
+        return lambda cfg: QProjection(
+            make_act_quantizer(cfg, "act", spec), make_weight_quantizer(cfg, weight, 2),
+            reversed_halves=orders,
+        ).to(device)
 
     scan_specs = {
         "u": ActSpec(1, (k * d, 1)), "delta": ActSpec(1, (k * d, 1)),
@@ -205,7 +207,7 @@ def _ss2d_places(fqn: str, m: SS2D) -> list[_Place]:
     return [
         _Place(m, "in_proj", f"{fqn}.in_proj", _qlinear(m.in_proj, "act")),
         _Place(m, "conv2d", f"{fqn}.conv2d", _qconv(m.conv2d)),
-        _Place(m, "x_proj_op", f"{fqn}.x_proj_op", projection(m.x_proj_weight)),
+        _Place(m, "x_proj_op", f"{fqn}.x_proj_op", projection(m.x_proj_weight, orders=True)),  # scan_orders
         _Place(m, "dt_proj_op", f"{fqn}.dt_proj_op", projection(m.dt_projs_weight)),
         _Place(m, "scan_op", f"{fqn}.scan_op", scan),
         _Place(m, "out_proj", f"{fqn}.out_proj", _qlinear(m.out_proj, "dls")),

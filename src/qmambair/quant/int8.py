@@ -246,6 +246,23 @@ def _border_maps(layer: QConv2d, w: Int8Weight, h: int, wd: int) -> tuple[np.nda
     return w.maps[key]
 
 
+def _depthwise_border(layer: QConv2d, w: Int8Weight, h: int, wd: int) -> tuple[np.ndarray, ...]:
+    """For a zero-padded depthwise conv on H x W planes: the flat positions where some taps are padding,
+    (C, P) the weight codes summed over their real taps and (P,) the number of real taps (made once per
+    plane size)."""
+    key = ("depthwise", h, wd)
+    if key not in w.maps:
+        (kh, kw), n = layer.kernel_size, layer.out_channels
+        conv = {"padding": layer.padding, "dilation": layer.dilation}
+        taps = F.conv2d(torch.ones(1, 1, h, wd, dtype=_F64), torch.ones(1, 1, kh, kw, dtype=_F64), **conv)
+        border = torch.nonzero(taps.reshape(-1) < kh * kw).reshape(-1)
+        codes = w.codes.to(_F64).reshape(n, 1, kh, kw)
+        wsum = F.conv2d(torch.ones(1, n, h, wd, dtype=_F64), codes, groups=n, **conv).reshape(n, -1)
+        w.maps[key] = (border.numpy().copy(), wsum[:, border].numpy().copy(),
+                       taps.reshape(-1)[border].numpy().copy())
+    return w.maps[key]
+
+
 def _plain_conv(layer: QConv2d) -> bool:
     """Stride 1, zero padding, output size = input size (what the kernels implement)."""
     kh, kw = layer.kernel_size
@@ -291,8 +308,9 @@ def int8_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor | None:
         if depthwise:
             wq = w.codes.numpy().reshape(n, kh, kw)
             acc_type = np.empty(0, accumulator_dtype(kh * kw, int(max(-qn, qp)), w.abs_sum))
-            K.depthwise_conv(xi, sc[0], sc[1], qn, qp, wq, ph, pw, dh, dw, w.alpha, w.beta, w.bias, o,
-                             acc_type)
+            border, border_wsum, border_taps = _depthwise_border(layer, w, h, wd)
+            K.depthwise_conv(xi, sc[0], sc[1], qn, qp, wq, ph, pw, dh, dw, w.alpha, w.beta, w.bias, border,
+                             border_wsum, border_taps, o, acc_type)
             continue
         codes = scratch("codes", (c, h * wd), np.int8)
         sums = scratch("sums", (h * wd,), np.int32)
@@ -330,10 +348,21 @@ def int8_projection(layer: QProjection, x: torch.Tensor, weight: torch.Tensor) -
     acc = scratch("acc", (c, length), np.int32)
     codes_t, acc_t = torch.from_numpy(codes), torch.from_numpy(acc)
     xn, on = x.numpy(), out.numpy()
+    halves = layer.reversed_halves and k % 2 == 0 and d > K.SMALL_K
+    if halves:  # direction j + k/2 is direction j reversed: one product for both
+        acc = scratch("acc", (2 * c, length), np.int32)
+        acc_t = torch.from_numpy(acc)
     for i in range(batch):
         sc = _scalars(act, i)
         if _clipped(xn[i], bounds, sc).size:
             return None
+        if halves:
+            for j, (w_codes, alpha, beta, wsum) in enumerate(_paired_directions(w, k)):
+                K.quantize_planes(xn[i, j], sc[0], sc[1], qn, qp, codes, sums)
+                torch._int_mm(w_codes, codes_t, out=acc_t)
+                K.rescale_planes_pair(acc, sums, sc[0], sc[1], alpha, beta, wsum, float(d), on[i, j],
+                                      on[i, j + k // 2])
+            continue
         for j, (w_codes, w_np, alpha, beta, wsum) in enumerate(_directions(w, k)):
             K.quantize_planes(xn[i, j], sc[0], sc[1], qn, qp, codes, sums)
             if d <= K.SMALL_K:
@@ -355,6 +384,20 @@ def _directions(w: Int8Weight, k: int) -> list[tuple]:
             for j, r in enumerate(rows)
         ]
     return w.maps["directions"]
+
+
+def _paired_directions(w: Int8Weight, k: int) -> list[tuple]:
+    """For j < k/2: directions j and j + k/2 of a projection weight (K, c, d) stacked, (2c, d) codes with
+    their α, β and Σ codes (``int8_projection`` with ``reversed_halves``), made once per prepared weight."""
+    if "pairs" not in w.maps:
+        c, half = w.codes.shape[1], k // 2
+        pairs = []
+        for j in range(half):
+            rows = np.r_[j * c : (j + 1) * c, (j + half) * c : (j + half + 1) * c]
+            codes = torch.cat([w.codes[j], w.codes[j + half]]).contiguous()
+            pairs.append((codes, w.alpha[rows].copy(), w.beta[rows].copy(), w.wsum[rows].copy()))
+        w.maps["pairs"] = pairs
+    return w.maps["pairs"]
 
 
 INT8_FORWARD = {QConv2d: int8_conv2d, QLinear: int8_linear, QProjection: int8_projection}

@@ -175,6 +175,32 @@ if AVAILABLE:
                     dst[r] = np.float32(sa * np.float64(src[r]) - sb * np.float64(sm[r]) + const)
 
     @njit(parallel=True, cache=True, error_model="numpy")
+    def rescale_planes_pair(acc, sums, s, b, alpha, beta, wsum, k, out, out_rev):
+        """``rescale_planes`` without bias or border maps for two directions in one product: acc (2C, R) holds
+        direction j's sums in rows < C and, for the same codes, those of the direction that reads the
+        sequence backwards in rows >= C; out[n, r] and out_rev[n, R − 1 − r] get their values."""
+        n_all, rows = acc.shape
+        half = n_all // 2
+        s64, b64 = np.float64(s), np.float64(b)
+        nblk = (rows + SPAN - 1) // SPAN
+        for item in prange(n_all * nblk):
+            n, blk = item // nblk, item % nblk
+            start, stop = blk * SPAN, min(rows, (blk + 1) * SPAN)
+            sa, sb = s64 * alpha[n], s64 * beta[n]
+            const = np.float64(0.0) - (b64 * alpha[n] * wsum[n] - b64 * beta[n] * k)
+            src, sm = acc[n, start:stop], sums[start:stop]
+            if n < half:
+                dst = out[n, start:stop]
+                for r in range(stop - start):
+                    dst[r] = np.float32(sa * np.float64(src[r]) - sb * np.float64(sm[r]) + const)
+            else:
+                dst = out_rev[n - half]
+                top = np.uint64(rows - 1 - start)  # unsigned: no negative-index wraparound to check
+                for r in range(stop - start):
+                    v = sa * np.float64(src[r]) - sb * np.float64(sm[r]) + const
+                    dst[top - np.uint64(r)] = np.float32(v)
+
+    @njit(parallel=True, cache=True, error_model="numpy")
     def small_project(w, codes, acc):
         """acc[n, r] = Σ_k w[n, k]·codes[k, r] in int32, for a few inputs k (w (N, K), codes (K, R) int8)."""
         n_out, k = w.shape
@@ -224,11 +250,16 @@ if AVAILABLE:
             sums[start:stop] = acc
 
     @njit(parallel=True, cache=True, error_model="numpy")
-    def depthwise_conv(x, s, b, qn, qp, wq, ph, pw, dh, dw, alpha, beta, bias, out, acc_type):
+    def depthwise_conv(
+        x, s, b, qn, qp, wq, ph, pw, dh, dw, alpha, beta, bias, border, border_wsum, border_taps, out,
+        acc_type,
+    ):  # fmt: skip
         """Depthwise stride-1 zero-padded conv (dilation dh, dw, output size = input size) of one sample,
         x (C, H, W) float32 -> out (C, H, W): per channel plane, codes into a zero-bordered buffer, the two
         data sums (Σ q_a q_w, Σ q_a) accumulated tap by tap over whole rows, then the rescale, where the two
-        weight sums (Σ q_w, #taps over the real taps) are constants away from the border.
+        weight sums (Σ q_w, #taps over the real taps) are constants away from the border. ``border`` (P,)
+        lists the flat positions with padded taps, ``border_wsum`` (C, P) and ``border_taps`` (P,) their
+        weight sums over the real taps (``int8._depthwise_border``); those positions are rescaled again.
 
         ``acc_type``: an empty array whose dtype (int16 or int32) the codes and both sums are held in. int16
         vectors hold twice the lanes of int32 ones; the caller picks int16 only where no sum can leave its
@@ -266,19 +297,8 @@ if AVAILABLE:
                 d1, d2, dst = s1[y], s2[y], out[c, y]
                 for xx in range(w):
                     dst[xx] = np.float32(sa * d1[xx] - sb * d2[xx] + const)
-            for y in range(h):  # border: only the real taps count in Σ q_w and #taps
-                inner_row = ph <= y < h - ph
-                for xx in range(w):
-                    if inner_row and pw <= xx < w - pw:
-                        continue
-                    s3 = 0
-                    s4 = 0
-                    for i in range(kh):
-                        yy = y + i * dh - ph
-                        for j in range(kw):
-                            xj = xx + j * dw - pw
-                            if 0 <= yy < h and 0 <= xj < w:
-                                s3 += np.int32(wq[c, i, j])
-                                s4 += 1
-                    v = sa * s1[y, xx] - sb * s2[y, xx] - b64 * (a_c * s3 - b_c * s4)
-                    out[c, y, xx] = np.float32(v + bias[c])
+            flat1, flat2, plane = s1.reshape(-1), s2.reshape(-1), out[c].reshape(-1)
+            for k in range(border.shape[0]):  # border: only the real taps count in Σ q_w and #taps
+                p = border[k]
+                v = sa * flat1[p] - sb * flat2[p] - b64 * (a_c * border_wsum[c, k] - b_c * border_taps[k])
+                plane[p] = np.float32(v + bias[c])

@@ -87,12 +87,20 @@ class QLinear(nn.Linear):
 
 
 class QProjection(Projection):
-    """SS2D's per-direction projection (x_proj / dt_proj) with quantized input and quantized passed weight."""
+    """SS2D's per-direction projection (x_proj / dt_proj) with quantized input and quantized passed weight.
 
-    def __init__(self, act_quant: nn.Module | None = None, weight_quant: nn.Module | None = None):
+    ``reversed_halves``: the input (b, K, d, L) is SS2D's scan orders, whose direction k + K/2 is direction k
+    read backwards (x_proj's input), so integer inference quantizes and multiplies only the first half and
+    writes the second half's outputs reversed (``qmambair.quant.int8.int8_projection``; the same values)."""
+
+    def __init__(
+        self, act_quant: nn.Module | None = None, weight_quant: nn.Module | None = None,
+        reversed_halves: bool = False,
+    ):  # fmt: skip
         super().__init__()
         self.act_quant = _or_identity(act_quant)
         self.weight_quant = _or_identity(weight_quant)
+        self.reversed_halves = bool(reversed_halves)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return super().forward(self.act_quant(x), self.weight_quant(weight))

@@ -61,6 +61,7 @@ _LANES = 16  # partial sums for the deterministic channel reduction of dB/dC
 _SCRATCH_FLOATS = 65536  # per buffer: chunk * N * block width stays about 256 KB (L2-resident)
 TILE = 256  # positions per forward tile (see ``_tile``)
 LEVELS = MAX_LEVELS  # the most values of delta for which exp(δ·A) is looked up instead of computed
+CODE_LEVELS = 16  # the most codes of a delta quantized as it is read for which δ is looked up (4 bits)
 
 if AVAILABLE:
 
@@ -187,9 +188,15 @@ if AVAILABLE:
         inv = np.float32(1.0) / (np.float32(1.0) + e)
         return max(x, np.float32(0.0)) + _log1p_small(e), (inv if x >= np.float32(0.0) else e * inv)
 
+    @njit(inline="always", cache=True, error_model="numpy")
+    def _softplus(x):
+        """softplus(x) alone, with the operations of ``_softplus_and_slope`` (the same value, to the bit)."""
+        return max(x, np.float32(0.0)) + _log1p_small(_exp(-abs(x)))
+
     @njit(cache=True, error_model="numpy")
-    def _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg, q, lev, codes, dlt, sgt):
-        """Tile of δ = softplus(delta + bias) (or delta + bias), transposed to (T, w); sg = dδ/d(delta).
+    def _load_delta(delta, bias, b, d0, w, t0, T, softplus, slope, dl, sg, q, lev, codes, dlt, sgt):
+        """Tile of δ = softplus(delta + bias) (or delta + bias), transposed to (T, w); with ``slope``, sg =
+        dδ/d(delta) (the backward's; the forward has no use for it).
 
         ``q`` (batch, 6) = (s, offset, lo, hi, qn, qp) per batch element fake-quantizes delta as it is read;
         an empty ``q`` reads it as it is. ``lev`` (batch, LEVELS): when not empty, the values delta (after q)
@@ -217,17 +224,67 @@ if AVAILABLE:
                 bj = bias[d0 + j]
                 for i in range(T):
                     dl[i, j] = delta[b, d0 + j, t0 + i] + bj
-        if softplus:
+        if softplus and slope:
             for i in range(T):
                 for j in range(w):
-                    value, slope = _softplus_and_slope(dl[i, j])
+                    value, grad = _softplus_and_slope(dl[i, j])
                     dl[i, j] = value
-                    sg[i, j] = slope
-        else:
+                    sg[i, j] = grad
+        elif softplus:
+            for i in range(T):
+                for j in range(w):
+                    dl[i, j] = _softplus(dl[i, j])
+        elif slope:
             for i in range(T):
                 for j in range(w):
                     sg[i, j] = np.float32(1.0)
         return misses
+
+    @njit(cache=True, error_model="numpy")
+    def _code_table(dq, b, lev, bias, d0, w, softplus):
+        """For a delta fake-quantized as it is read with q = dq[b] = (s, offset, lo, hi, qn, qp) into at most
+        CODE_LEVELS values, without a ``lev`` table, and with softplus:
+        table[k, j] = softplus(min(max(s·(qn + k) − offset, lo), hi) + bias[d0 + j]), the δ of code qn + k
+        in channel d0 + j, with the float32 operations of ``_load_tile_quant`` and ``_load_delta`` (s·rint(t)
+        is s·(qn + k) for the code qn + k), so a value looked up equals the one computed, to the bit.
+        Otherwise an empty (0, w) table: δ is computed."""
+        n = 0
+        if dq.shape[0] > 0 and lev.shape[0] == 0 and softplus:
+            n = np.int64(dq[b, 5] - dq[b, 4]) + 1
+            n = n if 1 <= n <= CODE_LEVELS else 0
+        table = np.empty((n, w), np.float32)
+        if n == 0:
+            return table
+        s, off, lo, hi, qn = dq[b, 0], dq[b, 1], dq[b, 2], dq[b, 3], dq[b, 4]
+        for k in range(n):
+            v = min(max(s * (qn + np.float32(k)) - off, lo), hi)
+            for j in range(w):
+                table[k, j] = _softplus(v + bias[d0 + j])
+        return table
+
+    @njit(cache=True, error_model="numpy")
+    def _load_delta_coded(delta, b, d0, w, t0, T, q, table, dl, codes):
+        """Tile of δ transposed to (T, w) through ``_code_table``: each value's code
+        rint(min(max((x + offset)/s, qn), qp)) − qn, computed as ``_fake_quant`` does, then δ looked up.
+        Returns False, and leaves the tile to ``_load_delta``, when it holds a NaN (no code)."""
+        _load_tile(delta, b, d0, w, t0, T, dl)
+        s, off, qn, qp = q[0], q[1], q[4], q[5]
+        top = np.int32(table.shape[0] - 1)
+        nans = np.int32(0)
+        for i in range(T):
+            row, crow = dl[i], codes[i]
+            for j in range(w):
+                x = row[j]
+                code = np.int32(np.rint(min(max((x + off) / s, qn), qp)) - qn)
+                crow[j] = min(max(code, np.int32(0)), top)
+                nans += np.int32(x != x)
+        if nans > 0:
+            return False
+        for i in range(T):
+            row, crow = dl[i], codes[i]
+            for j in range(w):
+                row[j] = table[crow[j], j]
+        return True
 
     @njit(cache=True, error_model="numpy")
     def _match_levels(dl, T, w, lev, codes):
@@ -370,14 +427,16 @@ if AVAILABLE:
     @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
     def _scan_fwd(
         u, delta, At, Bt, Ct, Dv, bias, z, out, hs, hlast, softplus, has_z, save, width, chunk, tile,
-        uq, dq, lev, looked, ftz,
+        uq, dq, lev, looked, coded, ftz,
     ):  # fmt: skip
         """Forward over items (batch, group, channel block), ``tile`` positions at a time (a multiple of
         ``chunk``). Writes out, hlast and (if save) hs[b, c] = state at the start of chunk c. ``uq`` / ``dq``:
         fake quantization of u / delta as they are read (``_load_tile_quant``; empty: none). ``lev``: the
         values delta takes (``_load_delta``; empty: none); a tile whose every value is one of them looks its
         δ and decays up in ``_level_tables`` instead of computing them, with the same result; ``looked[item]``
-        counts those tiles."""
+        counts those tiles. A delta quantized by ``dq`` into at most CODE_LEVELS values (and no ``lev``) has
+        its δ looked up by code instead (``_code_table``, the same result); ``coded[item]`` counts those
+        tiles."""
         nb, dp, L = u.shape
         N = At.shape[0]
         G = Bt.shape[1]
@@ -390,6 +449,7 @@ if AVAILABLE:
             d0 = g * dg + (item % nblk) * width
             w = min(width, g * dg + dg - d0)
             a_blk, dlt, sgt, tab = _item_constants(At, bias, lev, b, d0, w, softplus)
+            coded_table = _code_table(dq, b, lev, bias, d0, w, softplus)
             codes = np.empty((tile, w), np.int32)
             h = np.zeros((N, w), np.float32)
             dl = np.empty((tile, w), np.float32)
@@ -399,7 +459,14 @@ if AVAILABLE:
             y = np.empty((tile, w), np.float32)
             for t0 in range(0, L, tile):
                 T = min(tile, L - t0)
-                misses = _load_delta(delta, bias, b, d0, w, t0, T, softplus, dl, sg, dq, lev, codes, dlt, sgt)
+                by_code = coded_table.shape[0] > 0
+                if by_code and _load_delta_coded(delta, b, d0, w, t0, T, dq[b], coded_table, dl, codes):
+                    misses = -1  # δ looked up by code; the decays are computed
+                    coded[item] += 1
+                else:
+                    misses = _load_delta(
+                        delta, bias, b, d0, w, t0, T, softplus, False, dl, sg, dq, lev, codes, dlt, sgt
+                    )
                 looked[item] += 1 if misses == 0 else 0
                 _load_tile_quant(u, b, d0, w, t0, T, uu, uq)
                 for i in range(T):
@@ -500,7 +567,7 @@ if AVAILABLE:
                 t0 = c * chunk
                 T = min(chunk, L - t0)
                 misses = _load_delta(
-                    delta, bias, b, d0, w, t0, T, softplus, dl, sg, no_quant, lev, codes, dlt, sgt
+                    delta, bias, b, d0, w, t0, T, softplus, True, dl, sg, no_quant, lev, codes, dlt, sgt
                 )
                 looked[item] += 1 if misses == 0 else 0
                 _load_tile(u, b, d0, w, t0, T, uu)
@@ -622,7 +689,13 @@ def _record_lookups(kernel: str, looked: np.ndarray, tiles_per_item: int) -> Non
 def decay_lookups() -> dict[str, tuple[int, int]]:
     """For the last forward and the last backward kernel call: (tiles whose decays were looked up in the
     level table, tiles). For tests and benchmarks: the table is a speed path with the same results."""
-    return dict(_LOOKUPS)
+    return {kernel: _LOOKUPS[kernel] for kernel in ("forward", "backward") if kernel in _LOOKUPS}
+
+
+def delta_code_lookups() -> tuple[int, int]:
+    """For the last forward kernel call: (tiles whose δ was looked up by its quantization code
+    (``_code_table``), tiles); (0, 0) before any call. For tests and benchmarks, like ``decay_lookups``."""
+    return _LOOKUPS.get("forward δ by code", (0, 0))
 
 
 def _tile(chunk: int) -> int:
@@ -681,13 +754,15 @@ def _forward(
     uq, dq = (np.empty((0, FIELDS), np.float32) if q is None else q.rows(nb) for q in (u_quant, delta_quant))
     lev = _NO_LEVELS if lev is None else lev
     looked = np.zeros(nb * G * math.ceil(dp // G / width), np.int64)
+    coded = np.zeros_like(looked)
     tile = _tile(chunk)
     _scan_fwd(
         u32.numpy(), d32.numpy(), at.numpy(), bt.numpy(), ct.numpy(), dv.numpy(), bias.numpy(),
         z32.numpy(), out.numpy(), hs.numpy(), hlast.numpy(),
-        bool(delta_softplus), z is not None, save, width, chunk, tile, uq, dq, lev, looked, _FTZ[-1],
+        bool(delta_softplus), z is not None, save, width, chunk, tile, uq, dq, lev, looked, coded, _FTZ[-1],
     )  # fmt: skip
     _record_lookups("forward", looked, math.ceil(L / tile))
+    _record_lookups("forward δ by code", coded, math.ceil(L / tile))
     return out, hlast, (u32, d32, at, bt, ct, dv, bias, z32, hs), width
 
 
