@@ -182,16 +182,24 @@ def test_projection_on_scan_orders_multiplies_half_the_directions():
 
 
 def test_kernels_integer_products_are_exact():
-    """small_project and the int8 GEMM against int64 arithmetic on random codes."""
+    """small_project (product and rescale in one pass) and the int8 GEMM against int64 arithmetic on random
+    codes, the rescale written out in numpy float64 in the same operation order."""
     rng = np.random.default_rng(0)
     w = rng.integers(-128, 128, (9, 5)).astype(np.int8)
-    codes = rng.integers(-128, 128, (5, 4099)).astype(np.int8)
-    acc = np.empty((9, 4099), dtype=np.int32)
-    K.small_project(w, codes, acc)
+    codes = rng.integers(-128, 128, (5, 4099)).astype(np.int8)  # more than one block of positions
     exact = w.astype(np.int64) @ codes.astype(np.int64)
-    assert np.array_equal(acc, exact)
     gemm = torch._int_mm(torch.from_numpy(w), torch.from_numpy(codes)).numpy()
     assert np.array_equal(gemm, exact)
+    sums = codes.astype(np.int32).sum(0)
+    alpha, beta = rng.uniform(0.01, 0.1, 9), rng.uniform(-0.01, 0.01, 9)
+    wsum = w.astype(np.float64).sum(1)
+    s, b = np.float32(0.37), np.float32(0.21)
+    out = np.empty((9, 4099), np.float32)
+    K.small_project(w, codes, sums, s, b, alpha, beta, wsum, 5.0, out)
+    s64, b64 = np.float64(s), np.float64(b)
+    const = 0.0 - (b64 * alpha * wsum - b64 * beta * 5.0)
+    want = ((s64 * alpha)[:, None] * exact - (s64 * beta)[:, None] * sums + const[:, None]).astype(np.float32)
+    assert np.array_equal(out, want)
 
 
 def test_quantize_rows_codes_sums_and_clip_count():

@@ -366,9 +366,9 @@ def int8_projection(layer: QProjection, x: torch.Tensor, weight: torch.Tensor) -
         for j, (w_codes, w_np, alpha, beta, wsum) in enumerate(_directions(w, k)):
             K.quantize_planes(xn[i, j], sc[0], sc[1], qn, qp, codes, sums)
             if d <= K.SMALL_K:
-                K.small_project(w_np, codes, acc)
-            else:
-                torch._int_mm(w_codes, codes_t, out=acc_t)
+                K.small_project(w_np, codes, sums, sc[0], sc[1], alpha, beta, wsum[:, 0], float(d), on[i, j])
+                continue
+            torch._int_mm(w_codes, codes_t, out=acc_t)
             K.rescale_planes(acc, sums, sc[0], sc[1], alpha, beta, wsum, count_map, no_bias, on[i, j])
     return out
 

@@ -201,21 +201,29 @@ if AVAILABLE:
                     dst[top - np.uint64(r)] = np.float32(v)
 
     @njit(parallel=True, cache=True, error_model="numpy")
-    def small_project(w, codes, acc):
-        """acc[n, r] = Σ_k w[n, k]·codes[k, r] in int32, for a few inputs k (w (N, K), codes (K, R) int8)."""
-        n_out, k = w.shape
+    def small_project(w, codes, sums, s, b, alpha, beta, wsum, k, out):
+        """A projection with a few inputs k and its rescale in one pass: acc = Σ_k w[n, k]·codes[k, r] in
+        int32 (w (N, K), codes (K, R) int8), held in a block-sized buffer rather than an (N, R) array, then
+        out[n, r] = s·(α_n·acc − β_n·sums[r]) − b·(α_n·wsum_n − β_n·k), as ``rescale_planes`` computes it
+        without bias or border maps."""
+        n_out, k_in = w.shape
         rows = codes.shape[1]
+        s64, b64 = np.float64(s), np.float64(b)
         nblk = (rows + SPAN - 1) // SPAN
         for item in prange(n_out * nblk):
             n, blk = item // nblk, item % nblk
             start, stop = blk * SPAN, min(rows, (blk + 1) * SPAN)
-            dst = acc[n, start:stop]
-            dst[:] = 0
-            for j in range(k):
+            acc = np.zeros(stop - start, dtype=np.int32)
+            for j in range(k_in):
                 wv = np.int32(w[n, j])
                 src = codes[j, start:stop]
                 for r in range(stop - start):
-                    dst[r] += wv * np.int32(src[r])
+                    acc[r] += wv * np.int32(src[r])
+            sa, sb = s64 * alpha[n], s64 * beta[n]
+            const = np.float64(0.0) - (b64 * alpha[n] * wsum[n] - b64 * beta[n] * k)
+            dst, sm = out[n, start:stop], sums[start:stop]
+            for r in range(stop - start):
+                dst[r] = np.float32(sa * np.float64(acc[r]) - sb * np.float64(sm[r]) + const)
 
     @njit(parallel=True, cache=True, error_model="numpy")
     def im2col_planes(codes, kh, kw, ph, pw, dh, dw, cols, sums):
