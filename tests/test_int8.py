@@ -219,6 +219,89 @@ def test_quantize_rows_codes_sums_and_clip_count():
     assert count > 0, "the finite bounds clip some elements"
 
 
+def _norm_codes_oracle(x: np.ndarray, gamma, beta, eps, s, b, qn, qp) -> tuple[np.ndarray, np.ndarray]:
+    """LayerNorm over the last dim in float64 and its codes; and where the code is ambiguous (the scaled value
+    within 1e-4 of a rounding threshold, where float32 rounding in either LayerNorm may decide)."""
+    x64 = x.astype(np.float64)
+    mean = x64.mean(-1, keepdims=True)
+    y = (x64 - mean) / np.sqrt(x64.var(-1, keepdims=True) + eps) * gamma + beta
+    t = np.clip((y + b) / s, qn, qp)
+    return np.rint(t), np.abs(t - np.floor(t) - 0.5) < 1e-4
+
+
+def test_layer_norm_in_the_codes_pass():
+    """norm_quantize_rows / norm_quantize_planes against a float64 LayerNorm written out in numpy: the same
+    codes except at values on a rounding threshold (a handful, at most one code off), sums of the codes
+    exact."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((700, 60)) * 3 + 5).astype(np.float32)  # mean far from 0, more than a block
+    gamma = rng.uniform(0.5, 1.5, 60).astype(np.float32)
+    beta = rng.uniform(-0.3, 0.3, 60).astype(np.float32)
+    s, b, qn, qp = np.float32(0.31), np.float32(0.07), -8.0, 7.0
+    want, ambiguous = _norm_codes_oracle(x, gamma, beta, 1e-5, s, b, qn, qp)
+    codes, sums = np.empty(x.shape, np.int8), np.empty(700, np.int32)
+    K.norm_quantize_rows(x, gamma, beta, 1e-5, s, b, qn, qp, codes, sums)
+    assert ambiguous.sum() < 30
+    assert np.array_equal(codes[~ambiguous], want[~ambiguous])
+    assert np.abs(codes - want).max() <= 1
+    assert np.array_equal(sums, codes.astype(np.int32).sum(1))
+    planes, plane_sums = np.empty(x.T.shape, np.int8), np.empty(700, np.int32)
+    K.norm_quantize_planes(np.ascontiguousarray(x.T), gamma, beta, 1e-5, s, b, qn, qp, planes, plane_sums)
+    assert np.array_equal(planes.T[~ambiguous], want[~ambiguous])
+    assert np.abs(planes.T - want).max() <= 1
+    assert np.array_equal(plane_sums, planes.astype(np.int32).sum(0))
+
+
+def test_fused_layer_norms_in_a_quantized_model():
+    """``enable_integer_inference`` folds each VSS block's ln_1 into in_proj and ln_2 into the CAB's first
+    conv: the norms pass their input through, the output still matches fake-quant, the state dict is
+    unchanged, and ``disable_integer_inference`` restores the norms."""
+    from qmambair.quant import QuantConfig
+    from qmambair.quant.integer import disable_integer_inference, unfuse_norms
+
+    from .test_pack import SMALL, quantized
+
+    model = quantized("light-sr-x4", QuantConfig(bits=4), **SMALL)
+    x = astronaut(24, 24)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model(x)
+        enable_integer_inference(model, strict=True)
+        ln = model.layers[0].residual_group.blocks[1].ln_1
+        probe = torch.randn(3, 24)
+        assert torch.equal(ln(probe), probe)  # folded into in_proj
+        fused = model(x)
+        unfuse_norms(model)
+        assert not torch.equal(ln(probe), probe)
+        unfused = model(x)
+        assert rel_err(fused, ref) <= 1e-3 and rel_err(unfused, ref) <= 1e-3
+        enable_integer_inference(model, strict=True)
+        enable_integer_inference(model, strict=True, kernels="exact")  # no folded norms in the emulation
+        assert not torch.equal(ln(probe), probe)
+        assert rel_err(model(x), ref) <= 1e-3
+        disable_integer_inference(model)  # also unfolds
+        enable_integer_inference(model, strict=True)
+        disable_integer_inference(model)
+        assert torch.equal(model(x), ref)
+    assert list(model.state_dict()) == keys
+
+
+def test_layer_norm_before_a_dls_layer_is_applied_in_torch():
+    """DLS's scalars come from the normalised tensor itself: no folding, the norm runs first (torch) and the
+    result is that of fake-quant on LayerNorm(x)."""
+    torch.manual_seed(6)
+    layer = QLinear(16, 12, act_quant=DLS(4), weight_quant=RFA(4))
+    norm = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(5, 7, 16) * 2 + 1
+    _train_init(layer, norm(x).detach())
+    with torch.no_grad():
+        out = int8_linear(layer, x, norm)
+        assert rel_err(out, layer(norm(x))) <= REL
+
+
 def _depthwise_case(bits: int):
     torch.manual_seed(bits)
     layer = QConv2d(5, 5, 3, padding=1, groups=5, act_quant=ActQuant(bits, signed=True),

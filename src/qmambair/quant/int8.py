@@ -195,9 +195,41 @@ def accumulator_dtype(taps: int, act_bound: int, weight_bound: int) -> type:
     return np.int16 if max(act_bound * weight_bound, taps * act_bound) <= limit else np.int32
 
 
+def _norm_arrays(norm: nn.Module | None, quantizer: nn.Module, channels: int) -> tuple | None:
+    """(γ, β, eps) as float32 arrays and a float when the LayerNorm ``norm`` can be computed in the codes pass
+    of a layer with ``channels`` inputs (docs/method.md §6): an affine LayerNorm over exactly those channels
+    and an activation map that does not depend on the data (not DLS). None otherwise."""
+    if type(norm) is not nn.LayerNorm or isinstance(quantizer, DLS):
+        return None
+    if tuple(norm.normalized_shape) != (channels,):
+        return None
+    if norm.weight is None or norm.bias is None or norm.weight.dtype != torch.float32:
+        return None
+    return norm.weight.detach().numpy(), norm.bias.detach().numpy(), float(norm.eps)
+
+
+def apply_channel_norm(norm: nn.LayerNorm, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The LayerNorm ``norm`` (over channels; its computation, whatever its forward is) on the input of
+    ``layer``: the last dim of a linear's input, dim 1 of a conv's (NCHW)."""
+    def ln(t: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(t, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+    return ln(x) if isinstance(layer, QLinear) else ln(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def _normalized_input(norm: nn.Module | None, layer: nn.Module, x: torch.Tensor, fusable: bool) -> tuple:
+    """(x, LayerNorm arrays for the codes pass or None): ``norm`` applied here in torch when not fused."""
+    if norm is None:
+        return x, None
+    channels = layer.in_features if isinstance(layer, QLinear) else layer.in_channels
+    arrays = _norm_arrays(norm, layer.act_quant, channels) if fusable else None
+    return (apply_channel_norm(norm, layer, x), None) if arrays is None else (x, arrays)
+
+
 @torch.no_grad()
-def int8_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor | None:
-    """QLinear through int8 codes; DLS's clipped elements are corrected exactly (sparse rank-1 updates)."""
+def int8_linear(layer: QLinear, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor | None:
+    """QLinear through int8 codes; DLS's clipped elements are corrected exactly (sparse rank-1 updates).
+    ``norm``: a LayerNorm to apply to x first, computed in the codes pass where it can be (``fuse_norms``)."""
     quantizer = layer.act_quant
     qn, qp = bounds = quantizer.bounds
     if not _activation_fits(bounds) or x.dtype != torch.float32 or x.dim() < 1:
@@ -205,6 +237,7 @@ def int8_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor | None:
     w = _prepare(layer, layer.weight, (layer.out_features,))
     if w is None:
         return None
+    x, fused = _normalized_input(norm, layer, x, True)
     act = act_rows(quantizer, x)
     groups = act.shape[0]
     xg = x.contiguous().reshape(groups, -1, layer.in_features)
@@ -217,7 +250,11 @@ def int8_linear(layer: QLinear, x: torch.Tensor) -> torch.Tensor | None:
     for g in range(groups):
         x2 = xg[g].numpy()
         sc = _scalars(act, g)
-        count = K.quantize_rows(x2, sc[0], sc[1], qn, qp, sc[2], sc[3], codes, sums)
+        if fused is not None:  # not DLS: no outer clip, nothing to count
+            K.norm_quantize_rows(x2, *fused, sc[0], sc[1], qn, qp, codes, sums)
+            count = 0
+        else:
+            count = K.quantize_rows(x2, sc[0], sc[1], qn, qp, sc[2], sc[3], codes, sums)
         torch._int_mm(torch.from_numpy(codes), w_mat, out=torch.from_numpy(acc))
         o = out[g].numpy()
         K.rescale_rows(acc, sums, sc[0], sc[1], w.alpha, w.beta, w.wsum, float(w.fan_in), w.bias, o)
@@ -278,8 +315,10 @@ def _plain_conv(layer: QConv2d) -> bool:
 
 
 @torch.no_grad()
-def int8_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor | None:
-    """QConv2d through int8 codes: dense convs as (im2col +) int8 GEMM, depthwise ones in a numba kernel."""
+def int8_conv2d(layer: QConv2d, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor | None:
+    """QConv2d through int8 codes: dense convs as (im2col +) int8 GEMM, depthwise ones in a numba kernel.
+    ``norm``: a LayerNorm over the channels to apply to x first (computed in a dense conv's codes pass where
+    it can be, ``fuse_norms``)."""
     quantizer = layer.act_quant
     qn, qp = bounds = quantizer.bounds
     depthwise = layer.groups == layer.in_channels == layer.out_channels and layer.groups > 1
@@ -294,6 +333,7 @@ def int8_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor | None:
     w = _prepare(layer, layer.weight, (layer.out_channels,))
     if w is None:
         return None
+    x, fused = _normalized_input(norm, layer, x, not depthwise)
     act = act_rows(quantizer, x)
     x = x.contiguous()
     batch, c, h, wd = x.shape
@@ -314,7 +354,10 @@ def int8_conv2d(layer: QConv2d, x: torch.Tensor) -> torch.Tensor | None:
             continue
         codes = scratch("codes", (c, h * wd), np.int8)
         sums = scratch("sums", (h * wd,), np.int32)
-        K.quantize_planes(xi.reshape(c, h * wd), sc[0], sc[1], qn, qp, codes, sums)
+        if fused is not None:
+            K.norm_quantize_planes(xi.reshape(c, h * wd), *fused, sc[0], sc[1], qn, qp, codes, sums)
+        else:
+            K.quantize_planes(xi.reshape(c, h * wd), sc[0], sc[1], qn, qp, codes, sums)
         cols = codes
         if (kh, kw) != (1, 1):
             cols = scratch("cols", (c * kh * kw, h * wd), np.int8)

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - exercised only on installs without num
 AVAILABLE = njit is not None
 ROWS = 256  # rows per work item of ``quantize_rows`` / ``rescale_rows``
 SPAN = 4096  # positions per work item of the (channels, positions) kernels
+NORM_SPAN = 512  # positions per work item of ``norm_quantize_planes`` (its three reads stay in L2)
 SMALL_K = 8  # projections with at most this many inputs use ``small_project`` instead of a GEMM
 
 
@@ -70,6 +71,77 @@ if AVAILABLE:
                 sums[r] = acc
             outside[blk] = n_out
         return outside.sum()
+
+    @njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+    def _row_moments(row, k):
+        """(Σ row, Σ row²) of a float32 row in float64, summed in any order (so that it vectorizes)."""
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(k):
+            v = np.float64(row[j])
+            s1 += v
+            s2 += v * v
+        return s1, s2
+
+    @njit(inline="always", cache=True, error_model="numpy")
+    def _norm_scalars(s1, s2, k, eps):
+        """float32 (mean, 1/sqrt(var + eps)) from float64 sums over k values (biased variance, as torch)."""
+        mean = s1 / k
+        var = max(s2 / k - mean * mean, 0.0)
+        return np.float32(mean), np.float32(1.0 / np.sqrt(var + eps))
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def norm_quantize_rows(x, gamma, beta, eps, s, b, qn, qp, codes, sums):
+        """``quantize_rows`` (no outer clip) of LayerNorm(x) over each row of x (R, K), with weight γ and bias
+        β: y = (x − mean)·rstd·γ + β in float32, mean and variance from float64 sums. Not torch's operation
+        order: a y within an ulp of a rounding threshold may get the neighbouring code."""
+        rows, k = x.shape
+        fqn, fqp = np.float32(qn), np.float32(qp)
+        for blk in prange((rows + ROWS - 1) // ROWS):
+            for r in range(blk * ROWS, min(rows, (blk + 1) * ROWS)):
+                src, dst = x[r], codes[r]
+                s1, s2 = _row_moments(src, k)
+                mean, rstd = _norm_scalars(s1, s2, k, eps)
+                acc = np.int32(0)
+                for j in range(k):
+                    y = (src[j] - mean) * rstd * gamma[j] + beta[j]
+                    qi = np.int32(np.rint(min(max((y + b) / s, fqn), fqp)))
+                    dst[j] = np.int8(qi)
+                    acc += qi
+                sums[r] = acc
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def norm_quantize_planes(x, gamma, beta, eps, s, b, qn, qp, codes, sums):
+        """``quantize_planes`` of LayerNorm over the channels of x (K, R) (each position normalised across
+        its K channels, as a LayerNorm on the channels-last layout), computed as ``norm_quantize_rows``
+        does, with the positions as the vector lanes."""
+        k, rows = x.shape
+        fqn, fqp = np.float32(qn), np.float32(qp)
+        for blk in prange((rows + NORM_SPAN - 1) // NORM_SPAN):
+            start, stop = blk * NORM_SPAN, min(rows, (blk + 1) * NORM_SPAN)
+            n = stop - start
+            s1 = np.zeros(n)
+            s2 = np.zeros(n)
+            for j in range(k):
+                src = x[j, start:stop]
+                for r in range(n):
+                    v = np.float64(src[r])
+                    s1[r] += v
+                    s2[r] += v * v
+            mean = np.empty(n, np.float32)
+            rstd = np.empty(n, np.float32)
+            for r in range(n):
+                mean[r], rstd[r] = _norm_scalars(s1[r], s2[r], k, eps)
+            acc = np.zeros(n, dtype=np.int32)
+            for j in range(k):
+                src, dst = x[j, start:stop], codes[j, start:stop]
+                g, bj = gamma[j], beta[j]
+                for r in range(n):
+                    y = (src[r] - mean[r]) * rstd[r] * g + bj
+                    q = np.int32(np.rint(min(max((y + b) / s, fqn), fqp)))
+                    dst[r] = np.int8(q)
+                    acc[r] += q
+            sums[start:stop] = acc
 
     @njit(parallel=True, cache=True, error_model="numpy")
     def quantize_planes(x, s, b, qn, qp, codes, sums):

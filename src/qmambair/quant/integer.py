@@ -46,10 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.mambair import VSSBlock
 from .act import ActQuant
 from .baselines import LSQ, LSQPlus
 from .dls import DLS
-from .int8 import INT8_FORWARD, act_scalars, per_output
+from .int8 import INT8_FORWARD, act_scalars, apply_channel_norm, per_output
 from .layers import QConv2d, QLinear, QProjection
 from .pack import weight_codes
 
@@ -211,14 +212,59 @@ def fake_quant_layers(model: nn.Module) -> dict[str, str]:
     }
 
 
-def _int8_or_exact(int8_fn, exact_fn):
-    """A forward that runs the int8 kernels and falls back to the exact emulation where they decline."""
+PRE_NORM = "_int8_pre_norm"  # a layer's __dict__ entry: the LayerNorm it applies to its input (fuse_norms)
 
-    def forward(self, *args):
-        out = int8_fn(self, *args)
-        return exact_fn(self, *args) if out is None else out
+
+def _int8_or_exact(int8_fn, exact_fn):
+    """A forward that runs the int8 kernels and falls back to the exact emulation where they decline; with a
+    pre-norm (``fuse_norms``) both apply it to the input first."""
+
+    def forward(self, x, *args):
+        norm = self.__dict__.get(PRE_NORM)
+        if norm is None:
+            out = int8_fn(self, x, *args)
+            return exact_fn(self, x, *args) if out is None else out
+        out = int8_fn(self, x, *args, norm)
+        return exact_fn(self, apply_channel_norm(norm, self, x), *args) if out is None else out
 
     return forward
+
+
+def _passthrough(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def fuse_norms(model: nn.Module) -> list[str]:
+    """In each VSS block, let the int8 layer after a LayerNorm apply it (in place; returns the norms' paths).
+
+    ln_1's output feeds only SS2D's in_proj, ln_2's only the CAB's first conv (after a move to NCHW). Both
+    layers make their activation codes in one pass over their input; with the norm folded into that pass
+    (``int8.norm_quantize_rows`` / ``norm_quantize_planes``) the normalised tensor is never written. The
+    LayerNorm then passes its input through, and the layer holds it in ``__dict__`` (not as a submodule: the
+    state dict stays the same). The norm is computed by the kernel, not by torch, so an input within an ulp
+    of a rounding threshold may get the neighbouring code (docs/method.md §6). Only layers already in int8
+    inference are fused; ``unfuse_norms`` (and ``disable_integer_inference``) undo it."""
+    fused = []
+    for path, block in model.named_modules():
+        if not isinstance(block, VSSBlock):
+            continue
+        for name, layer in (("ln_1", block.self_attention.in_proj), ("ln_2", block.conv_blk.cab[0])):
+            norm = getattr(block, name)
+            int8_layer = "forward" in layer.__dict__ and PRE_NORM not in layer.__dict__
+            if type(norm) is not nn.LayerNorm or not int8_layer:
+                continue
+            layer.__dict__[PRE_NORM] = norm
+            norm.forward = types.MethodType(_passthrough, norm)
+            fused.append(f"{path}.{name}")
+    return fused
+
+
+def unfuse_norms(model: nn.Module) -> None:
+    """Undo ``fuse_norms``: the LayerNorms compute again and the layers read normalised inputs."""
+    for module in model.modules():
+        norm = module.__dict__.pop(PRE_NORM, None)
+        if norm is not None:
+            norm.__dict__.pop("forward", None)
 
 
 def enable_integer_inference(model: nn.Module, strict: bool = False, kernels: str = "int8") -> list[str]:
@@ -236,6 +282,7 @@ def enable_integer_inference(model: nn.Module, strict: bool = False, kernels: st
     if left and strict:
         path, why = next(iter(left.items()))
         raise NotImplementedError(f"{path}: {why} have no integer mode ({len(left)} such layers)")
+    unfuse_norms(model)  # from an earlier call: only the int8 forwards apply a folded norm
     done = []
     for path, module in model.named_modules():
         fn = _INTEGER_FORWARD.get(type(module))
@@ -245,6 +292,8 @@ def enable_integer_inference(model: nn.Module, strict: bool = False, kernels: st
             fn = _int8_or_exact(INT8_FORWARD[type(module)], fn)
         module.forward = types.MethodType(fn, module)
         done.append(path)
+    if kernels == "int8":
+        fuse_norms(model)
     if left:
         reasons = sorted(set(left.values()))
         warnings.warn(
@@ -256,7 +305,8 @@ def enable_integer_inference(model: nn.Module, strict: bool = False, kernels: st
 
 
 def disable_integer_inference(model: nn.Module) -> None:
-    """Back to the fake-quant forward everywhere."""
+    """Back to the fake-quant forward everywhere (and the LayerNorms ``fuse_norms`` folded back)."""
+    unfuse_norms(model)
     for module in model.modules():
         if type(module) in _INTEGER_FORWARD and "forward" in module.__dict__:
             del module.forward
