@@ -6,6 +6,9 @@ numba kernel that does the integer sums itself, then an epilogue that turns the 
 outputs with the exact offset corrections of ``qmambair.quant.int8_kernels`` (no dequantize-then-float
 matmul). Zero padding is exact: padded taps hold code 0 and the offset terms count only real taps.
 
+A LayerNorm right before a linear or a dense conv can be computed in that codes pass instead of by torch
+(argument ``norm``; ``qmambair.quant.integer.fuse_norms`` sets it up for the VSS blocks' ln_1 and ln_2).
+
 The weights' int8 codes, per-output scales and code sums are prepared once per weight (cached on the
 layer, keyed on the weight's storage and version, so an optimiser step or ``load_state_dict`` refreshes
 them). Each forward returns ``None`` where it cannot run in int8 (codes wider than int8, strided or dilated
@@ -391,7 +394,7 @@ def int8_projection(layer: QProjection, x: torch.Tensor, weight: torch.Tensor) -
     acc = scratch("acc", (c, length), np.int32)
     codes_t, acc_t = torch.from_numpy(codes), torch.from_numpy(acc)
     xn, on = x.numpy(), out.numpy()
-    halves = layer.reversed_halves and k % 2 == 0 and d > K.SMALL_K
+    halves = getattr(layer, "reversed_halves", False) and k % 2 == 0 and d > K.SMALL_K
     if halves:  # direction j + k/2 is direction j reversed: one product for both
         acc = scratch("acc", (2 * c, length), np.int32)
         acc_t = torch.from_numpy(acc)

@@ -204,6 +204,12 @@ if AVAILABLE:
             for n in range(w_hat.shape[0]):
                 row[n] = np.float32(row[n] + diff * w_hat[n, j])
 
+    @njit(inline="always", cache=True, error_model="numpy")
+    def _rescaled(sa, sb, const, acc, code_sum):
+        """float32(s·α·Σq_a·q_w − s·β·Σq_a + const), computed in float64 (sa = s·α, sb = s·β; const: the
+        weight-sum terms and the bias): the epilogue of the planes kernels, one expression for all."""
+        return np.float32(sa * np.float64(acc) - sb * np.float64(code_sum) + const)
+
     @njit(parallel=True, cache=True, error_model="numpy")
     def rescale_rows(acc, sums, s, b, alpha, beta, wsum, k, bias, out):
         """out[r, n] = s·(α_n·acc[r, n] − β_n·sums[r]) − b·(α_n·wsum_n − β_n·k) + bias_n (float64 math)."""
@@ -244,7 +250,7 @@ if AVAILABLE:
             else:
                 const = bias[n] - (ba * wsum_map[n, 0] - bb * count_map[0])
                 for r in range(stop - start):
-                    dst[r] = np.float32(sa * np.float64(src[r]) - sb * np.float64(sm[r]) + const)
+                    dst[r] = _rescaled(sa, sb, const, src[r], sm[r])
 
     @njit(parallel=True, cache=True, error_model="numpy")
     def rescale_planes_pair(acc, sums, s, b, alpha, beta, wsum, k, out, out_rev):
@@ -264,13 +270,12 @@ if AVAILABLE:
             if n < half:
                 dst = out[n, start:stop]
                 for r in range(stop - start):
-                    dst[r] = np.float32(sa * np.float64(src[r]) - sb * np.float64(sm[r]) + const)
+                    dst[r] = _rescaled(sa, sb, const, src[r], sm[r])
             else:
                 dst = out_rev[n - half]
                 top = np.uint64(rows - 1 - start)  # unsigned: no negative-index wraparound to check
                 for r in range(stop - start):
-                    v = sa * np.float64(src[r]) - sb * np.float64(sm[r]) + const
-                    dst[top - np.uint64(r)] = np.float32(v)
+                    dst[top - np.uint64(r)] = _rescaled(sa, sb, const, src[r], sm[r])
 
     @njit(parallel=True, cache=True, error_model="numpy")
     def small_project(w, codes, sums, s, b, alpha, beta, wsum, k, out):
@@ -295,7 +300,7 @@ if AVAILABLE:
             const = np.float64(0.0) - (b64 * alpha[n] * wsum[n] - b64 * beta[n] * k)
             dst, sm = out[n, start:stop], sums[start:stop]
             for r in range(stop - start):
-                dst[r] = np.float32(sa * np.float64(acc[r]) - sb * np.float64(sm[r]) + const)
+                dst[r] = _rescaled(sa, sb, const, acc[r], sm[r])
 
     @njit(parallel=True, cache=True, error_model="numpy")
     def im2col_planes(codes, kh, kw, ph, pw, dh, dw, cols, sums):

@@ -7,7 +7,8 @@ relative) because the libm call does not vectorize; softplus and sigmoid are bui
 are transposed tile by tile (``TILE`` positions at a time in the forward, ``chunk`` in the backward) into
 small scratch buffers inside the kernel, so no large copy is made. For a delta with at most 4 values per
 sample (a 2-bit quantizer's), ``delta_levels`` lets the kernels look δ and exp(δ·A) up in per-item tables
-instead of computing them, with the same float32 results (docs/method.md §2.2).
+instead of computing them, with the same float32 results (docs/method.md §2.2); for a delta quantized as it is
+read into at most 16 codes, the forward looks δ = softplus(·) up by code (``_code_table``), also exactly.
 
 Why it is lean: the forward keeps hidden states only at chunk starts, (batch, L/chunk, N, D'). The backward
 walks the chunks from last to first, recomputes each chunk's states from its saved start state into a
