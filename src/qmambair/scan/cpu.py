@@ -213,9 +213,12 @@ if AVAILABLE:
                     for i in range(T):
                         crow = codes[i]
                         for j in range(w):
-                            c = crow[j]
-                            dl[i, j] = _pick(c, dlt[0, j], dlt[1, j], dlt[2, j], dlt[3, j])
-                            sg[i, j] = _pick(c, sgt[0, j], sgt[1, j], sgt[2, j], sgt[3, j])
+                            dl[i, j] = _pick(crow[j], dlt[0, j], dlt[1, j], dlt[2, j], dlt[3, j])
+                    if slope:
+                        for i in range(T):
+                            crow = codes[i]
+                            for j in range(w):
+                                sg[i, j] = _pick(crow[j], sgt[0, j], sgt[1, j], sgt[2, j], sgt[3, j])
                     return misses
             for i in range(T):
                 for j in range(w):
