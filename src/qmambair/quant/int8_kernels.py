@@ -210,6 +210,18 @@ if AVAILABLE:
         weight-sum terms and the bias): the epilogue of the planes kernels, one expression for all."""
         return np.float32(sa * np.float64(acc) - sb * np.float64(code_sum) + const)
 
+    @njit(inline="always", cache=True, error_model="numpy")
+    def _item_span(item, nblk, rows):
+        """(output channel, first position, end) of work item ``item`` of a planes kernel: ``nblk`` blocks of
+        SPAN positions per output channel."""
+        n, blk = item // nblk, item % nblk
+        return n, blk * SPAN, min(rows, (blk + 1) * SPAN)
+
+    @njit(inline="always", cache=True, error_model="numpy")
+    def _constant_terms(bias_n, b64, alpha_n, beta_n, wsum_n, count):
+        """bias_n − b·(α_n·Σ q_w − β_n·count): the part of a planes output that the codes do not change."""
+        return bias_n - (b64 * alpha_n * wsum_n - b64 * beta_n * count)
+
     @njit(parallel=True, cache=True, error_model="numpy")
     def rescale_rows(acc, sums, s, b, alpha, beta, wsum, k, bias, out):
         """out[r, n] = s·(α_n·acc[r, n] − β_n·sums[r]) − b·(α_n·wsum_n − β_n·k) + bias_n (float64 math)."""
@@ -237,8 +249,7 @@ if AVAILABLE:
         s64, b64 = np.float64(s), np.float64(b)
         nblk = (rows + SPAN - 1) // SPAN
         for item in prange(n_out * nblk):
-            n, blk = item // nblk, item % nblk
-            start, stop = blk * SPAN, min(rows, (blk + 1) * SPAN)
+            n, start, stop = _item_span(item, nblk, rows)
             sa, sb = s64 * alpha[n], s64 * beta[n]
             ba, bb = b64 * alpha[n], b64 * beta[n]
             src, dst, sm = acc[n, start:stop], out[n, start:stop], sums[start:stop]
@@ -248,7 +259,7 @@ if AVAILABLE:
                     v = sa * np.float64(src[r]) - sb * np.float64(sm[r]) - (ba * wm[r] - bb * cm[r])
                     dst[r] = np.float32(v + bias[n])
             else:
-                const = bias[n] - (ba * wsum_map[n, 0] - bb * count_map[0])
+                const = _constant_terms(bias[n], b64, alpha[n], beta[n], wsum_map[n, 0], count_map[0])
                 for r in range(stop - start):
                     dst[r] = _rescaled(sa, sb, const, src[r], sm[r])
 
@@ -262,10 +273,9 @@ if AVAILABLE:
         s64, b64 = np.float64(s), np.float64(b)
         nblk = (rows + SPAN - 1) // SPAN
         for item in prange(n_all * nblk):
-            n, blk = item // nblk, item % nblk
-            start, stop = blk * SPAN, min(rows, (blk + 1) * SPAN)
+            n, start, stop = _item_span(item, nblk, rows)
             sa, sb = s64 * alpha[n], s64 * beta[n]
-            const = np.float64(0.0) - (b64 * alpha[n] * wsum[n] - b64 * beta[n] * k)
+            const = _constant_terms(np.float64(0.0), b64, alpha[n], beta[n], wsum[n], k)
             src, sm = acc[n, start:stop], sums[start:stop]
             if n < half:
                 dst = out[n, start:stop]
@@ -288,8 +298,7 @@ if AVAILABLE:
         s64, b64 = np.float64(s), np.float64(b)
         nblk = (rows + SPAN - 1) // SPAN
         for item in prange(n_out * nblk):
-            n, blk = item // nblk, item % nblk
-            start, stop = blk * SPAN, min(rows, (blk + 1) * SPAN)
+            n, start, stop = _item_span(item, nblk, rows)
             acc = np.zeros(stop - start, dtype=np.int32)
             for j in range(k_in):
                 wv = np.int32(w[n, j])
@@ -297,7 +306,7 @@ if AVAILABLE:
                 for r in range(stop - start):
                     acc[r] += wv * np.int32(src[r])
             sa, sb = s64 * alpha[n], s64 * beta[n]
-            const = np.float64(0.0) - (b64 * alpha[n] * wsum[n] - b64 * beta[n] * k)
+            const = _constant_terms(np.float64(0.0), b64, alpha[n], beta[n], wsum[n], k)
             dst, sm = out[n, start:stop], sums[start:stop]
             for r in range(stop - start):
                 dst[r] = _rescaled(sa, sb, const, acc[r], sm[r])
