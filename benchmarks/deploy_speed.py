@@ -13,7 +13,9 @@ case once, in turn; the table gives medians and ratios):
 
 A second table splits each PyTorch case's time (forward hooks, one extra run each) into the selective scan
 with its input quantizers, the quantized (or, for float, the corresponding) conv/linear/projection layers,
-and the rest. File sizes of the float safetensors, the .qmb and the ONNX graphs are listed too.
+and the rest. File sizes of the float safetensors, the .qmb and the ONNX graphs are listed too, and with
+``--onnx`` the node counts of both graphs as onnxruntime optimised them, by operator type (where the QDQ
+graph's extra time goes: many small nodes).
 
     python benchmarks/deploy_speed.py --threads 2 --repeats 5
     python benchmarks/deploy_speed.py --threads 2 --repeats 3 --size 32 --onnx --out deploy-32.md
@@ -29,7 +31,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,10 +76,40 @@ def time_shares(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     return {"scan": spent["scan"], "layers": spent["layers"], "total": total}
 
 
+def onnx_node_counts(path: Path, threads: int) -> Counter:
+    """Operator types of the graph at ``path`` as onnxruntime optimises it for this machine (from a session
+    of its own, not timed, which writes the optimised graph beside ``path``)."""
+    import onnx
+
+    from qmambair.export_onnx import onnx_session
+
+    optimized = path.with_name(path.stem + "-optimized.onnx")
+    onnx_session(path, threads, optimized_path=optimized)
+    return Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
+
+
+def node_table(counts: dict[str, Counter], most: int = 12) -> list[str]:
+    """Markdown rows: total nodes per graph, then the ``most`` operator types whose counts differ most."""
+    names = list(counts)
+
+    def spread(op: str) -> tuple[int, str]:
+        values = [c[op] for c in counts.values()]
+        return min(values) - max(values), op  # largest difference first, then by name
+
+    ops = sorted(set().union(*counts.values()), key=spread)
+    header = f"| nodes after onnxruntime's optimisation | {' | '.join(names)} |"
+    lines = [header, "|---|" + "---:|" * len(names)]
+    lines.append("| all | " + " | ".join(str(sum(c.values())) for c in counts.values()) + " |")
+    for op in ops[:most]:
+        lines.append(f"| {op} | " + " | ".join(str(counts[name][op]) for name in names) + " |")
+    return lines
+
+
 def build_cases(
     args: argparse.Namespace, workdir: Path
-) -> tuple[dict[str, Callable[[], None]], dict[str, torch.nn.Module], dict[str, int], torch.Tensor]:
-    """(cases: name -> run once, PyTorch models for the time split, file sizes in bytes, the input)."""
+) -> tuple[dict[str, Callable[[], None]], dict[str, torch.nn.Module], dict[str, int], torch.Tensor, dict]:
+    """(cases: name -> run once, PyTorch models for the time split, file sizes in bytes, the input, ONNX node
+    counts per graph)."""
     from qmambair.export_onnx import export_onnx, onnx_session
     from qmambair.loading import load_model
     from qmambair.models.shipped import shipped_path
@@ -101,6 +133,7 @@ def build_cases(
         return run
 
     cases = {"float": forward(fp), "fake-quant": forward(fake), "int8": forward(int8)}
+    nodes: dict[str, Counter] = {}
     sizes = {"float .safetensors": fp_path.stat().st_size, f"{args.packed}.qmb": packed_path.stat().st_size}
     if args.onnx:
         array = x.numpy()
@@ -110,10 +143,11 @@ def build_cases(
             export_onnx(model, path, tile=args.size, fmt=fmt)
             print(f"exported {name} in {time.perf_counter() - start:.0f} s")
             sizes[f"{name}.onnx"] = path.stat().st_size
+            nodes[name] = onnx_node_counts(path, args.threads)
             session = onnx_session(path, args.threads)
             feed = {session.get_inputs()[0].name: array}
             cases[name] = lambda session=session, feed=feed: session.run(None, feed)
-    return cases, {"float": fp, "fake-quant": fake, "int8": int8}, sizes, x
+    return cases, {"float": fp, "fake-quant": fake, "int8": int8}, sizes, x, nodes
 
 
 def main() -> None:
@@ -139,7 +173,7 @@ def main() -> None:
         keep_freed_memory()
     set_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        cases, models, sizes, x = build_cases(args, Path(tmp))
+        cases, models, sizes, x, nodes = build_cases(args, Path(tmp))
         for run in cases.values():  # warm-up: numba compilation, caches, onnxruntime allocations
             run()
         times: dict[str, list[float]] = {name: [] for name in cases}
@@ -177,6 +211,8 @@ def main() -> None:
     lines += ["", "| file | bytes | x float file |", "|---|---:|---:|"]
     for name, size in sizes.items():
         lines.append(f"| {name} | {size} | {size / float_size:.2f} |")
+    if nodes:
+        lines += [""] + node_table(nodes)
     text = "\n".join(lines)
     print(text)
     if args.out is not None:
