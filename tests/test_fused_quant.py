@@ -425,6 +425,30 @@ def test_inference_reads_u_statistics_from_one_scan_order(monkeypatch):
         assert torch.equal(model(image), out)
 
 
+def test_onnx_export_reads_u_statistics_from_one_scan_order(monkeypatch, tmp_path):
+    """In an ONNX export the scan's u and Δ are quantized by the export's scan from QScan's LoadQuants, so the
+    graph computes u's statistics from one of its four scan orders too (and the graph's output is unchanged:
+    the ONNX parity tests)."""
+    pytest.importorskip("onnx")
+    from qmambair.export_onnx import export_onnx
+    from qmambair.quant import dls
+
+    model = _quantized_scan_model()
+    read = []
+    real = dls.group_stats
+
+    def spy(x2, fused=False, copies=1):
+        read.append((x2.numel(), copies))
+        return real(x2, fused=fused, copies=copies)
+
+    monkeypatch.setattr(dls, "group_stats", spy)
+    export_onnx(model, tmp_path / "m.onnx", tile=(10, 14), fmt="float")
+    d_inner = next(m.d_inner for m in model.modules() if hasattr(m, "d_inner"))
+    u_numel = 4 * d_inner * 10 * 14  # one image: orders, channels, H·W
+    assert read.count((u_numel // 4, 4)) == 2  # u, per block: one order, read as 4
+    assert (u_numel, 1) in read  # Δ: all of it
+
+
 def test_scan_parameter_inputs_are_quantized_once_in_eval_mode():
     from qmambair.quant.layers import QScan
 

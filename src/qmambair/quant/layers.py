@@ -163,10 +163,14 @@ class QScan(ScanOp):
         return out
 
     def _load_quants(self, u: torch.Tensor, delta: torch.Tensor) -> tuple[LoadQuant | None, ...] | None:
-        """u's and delta's quantization as ``LoadQuant``s for the fused CPU scan, or None where the usual path
-        must run: gradients wanted, the fused quantizers or the 'cpu' scan not in use, a quantizer not yet
-        initialised or without an affine form (docs/method.md §3.8)."""
-        if torch.is_grad_enabled() or not use_fused(u) or resolve_backend(None, u) != "cpu":
+        """u's and delta's quantization as ``LoadQuant``s for the fused CPU scan (or, in an ONNX export, for
+        the export's scan, which applies them before scanning: u's statistics then come from one scan order),
+        or None where the usual path must run: gradients wanted, the fused quantizers or the 'cpu' scan not in
+        use, a quantizer not yet initialised or without an affine form (docs/method.md §3.8)."""
+        if torch.is_grad_enabled():
+            return None
+        exporting = torch.onnx.is_in_onnx_export()
+        if not exporting and (not use_fused(u) or resolve_backend(None, u) != "cpu"):
             return None
         loads = []
         for name, x, copies in (("u", *self._one_order(u)), ("delta", delta, 1)):
