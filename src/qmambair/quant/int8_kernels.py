@@ -39,6 +39,12 @@ SMALL_K = 8  # projections with at most this many inputs use ``small_project`` i
 
 if AVAILABLE:
 
+    @njit(inline="always", cache=True, error_model="numpy")
+    def _code(v, s, b, fqn, fqp):
+        """The activation code of v as a float: round(clip((v + b)/s, Qn, Qp)), half to even, in the
+        quantizers' float32 operation order (every kernel here computes its codes with this)."""
+        return np.rint(min(max((v + b) / s, fqn), fqp))
+
     @njit(parallel=True, cache=True, error_model="numpy")
     def quantize_rows(x, s, b, qn, qp, lo, hi, codes, sums):
         """x (R, K) float32 -> codes (R, K) int8 and sums (R,) int32 = Σ_k codes[r, k]; returns how many
@@ -57,7 +63,7 @@ if AVAILABLE:
                 if clip:
                     n_r = np.int32(0)
                     for j in range(k):
-                        q = np.rint(min(max((src[j] + b) / s, fqn), fqp))
+                        q = _code(src[j], s, b, fqn, fqp)
                         dst[j] = np.int8(np.int32(q))
                         acc += np.int32(q)
                         y = s * q - b
@@ -65,7 +71,7 @@ if AVAILABLE:
                     n_out += n_r
                 else:
                     for j in range(k):
-                        qi = np.int32(np.rint(min(max((src[j] + b) / s, fqn), fqp)))
+                        qi = np.int32(_code(src[j], s, b, fqn, fqp))
                         dst[j] = np.int8(qi)
                         acc += qi
                 sums[r] = acc
@@ -105,7 +111,7 @@ if AVAILABLE:
                 acc = np.int32(0)
                 for j in range(k):
                     y = (src[j] - mean) * rstd * gamma[j] + beta[j]
-                    qi = np.int32(np.rint(min(max((y + b) / s, fqn), fqp)))
+                    qi = np.int32(_code(y, s, b, fqn, fqp))
                     dst[j] = np.int8(qi)
                     acc += qi
                 sums[r] = acc
@@ -138,7 +144,7 @@ if AVAILABLE:
                 g, bj = gamma[j], beta[j]
                 for r in range(n):
                     y = (src[r] - mean[r]) * rstd[r] * g + bj
-                    q = np.int32(np.rint(min(max((y + b) / s, fqn), fqp)))
+                    q = np.int32(_code(y, s, b, fqn, fqp))
                     dst[r] = np.int8(q)
                     acc[r] += q
             sums[start:stop] = acc
@@ -154,14 +160,14 @@ if AVAILABLE:
             for j in range(k):
                 src, dst = x[j, start:stop], codes[j, start:stop]
                 for r in range(stop - start):
-                    q = np.int32(np.rint(min(max((src[r] + b) / s, fqn), fqp)))
+                    q = np.int32(_code(src[r], s, b, fqn, fqp))
                     dst[r] = np.int8(q)
                     acc[r] += q
             sums[start:stop] = acc
 
     @njit(cache=True, error_model="numpy")
     def _outside(v, s, b, fqn, fqp, lo, hi):
-        y = s * np.rint(min(max((v + b) / s, fqn), fqp)) - b
+        y = s * _code(v, s, b, fqn, fqp) - b
         return (y < lo) | (y > hi)
 
     @njit(parallel=True, cache=True, error_model="numpy")
@@ -198,7 +204,7 @@ if AVAILABLE:
         fqn, fqp = np.float32(qn), np.float32(qp)
         for m in range(idx.shape[0]):
             r, j = idx[m] // k, idx[m] % k
-            y = s * np.rint(min(max((x[r, j] + b) / s, fqn), fqp)) - b
+            y = s * _code(x[r, j], s, b, fqn, fqp) - b
             diff = np.float64(min(max(y, lo), hi)) - np.float64(y)
             row = out[r]
             for n in range(w_hat.shape[0]):
@@ -368,7 +374,7 @@ if AVAILABLE:
             for y in range(h):
                 src, dst = x[c, y], q[y + ph, pw : pw + w]
                 for xx in range(w):
-                    dst[xx] = np.int32(np.rint(min(max((src[xx] + b) / s, fqn), fqp)))
+                    dst[xx] = np.int32(_code(src[xx], s, b, fqn, fqp))
             s1 = np.zeros((h, w), dtype=acc_type.dtype)
             s2 = np.zeros((h, w), dtype=acc_type.dtype)
             for i in range(kh):
