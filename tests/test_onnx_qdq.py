@@ -46,6 +46,13 @@ def graph_ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
+def softplus_input_shapes(path) -> list[list[int]]:
+    """The input shape of every Softplus of the graph (ONNX shape inference)."""
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
+    return [shapes[node.input[0]] for node in graph.node if node.op_type == "Softplus"]
+
+
 def test_qdq_graph_holds_the_weight_codes_as_int8(tmp_path):
     x = real_tile(16)
     model = small_model(QuantConfig(bits=4), real_tile())  # RFA weights, DLS + ActQuant activations
@@ -93,7 +100,10 @@ def test_shipped_models_match_pytorch(tmp_path, name):
     x = real_tile(32)
     model = shipped_block(name)
     path = export_onnx(model, tmp_path / "m.onnx", tile=32)
-    assert "QuantizeLinear" in graph_ops(path)
+    ops = graph_ops(path)
+    assert "QuantizeLinear" in ops
+    codes = 16 if name.endswith("w4a4") else 4  # softplus on a table of Δ's codes, per block
+    assert softplus_input_shapes(path) == [[1, 4 * 72, codes]] * 2
     parity = onnx_parity(model, path, x)
     # the CLI's bar; measured 64-140 dB: on some tiles onnxruntime's float rounding flips a code against
     # PyTorch, in the fake-quant float graph exactly as in the QDQ graph
@@ -116,7 +126,10 @@ def test_fresh_models_match_pytorch(tmp_path, config, batch):
     x = torch.cat([tile, tile.flip(-1) * 0.5][:batch])
     model = small_model(config, real_tile())
     path = export_onnx(model, tmp_path / "m.onnx", tile=16, batch=batch)
-    assert {"QuantizeLinear", "DequantizeLinear"} <= graph_ops(path)
+    ops = graph_ops(path)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    codes = 2**config.a_bits
+    assert softplus_input_shapes(path) == [[batch, 4 * 28, codes]] * 4  # per block, on a table of Δ's codes
     assert run_psnr(model, path, x) > 100
 
 

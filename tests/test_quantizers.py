@@ -391,3 +391,25 @@ def test_broadcast_makes_first_batch_init_identical_across_ranks(tmp_path):
     assert results[0].keys() == results[1].keys()
     for k in results[0]:
         assert np.array_equal(results[0][k], results[1][k]), k
+
+
+def test_an_export_without_gradients_leaves_the_straight_through_terms_out(tmp_path):
+    """round_ste's (x − stopgrad x) and grad_scale's (y − stopgrad y) are exact zeros without gradients: an
+    ONNX export (no_grad) must not carry them as passes over the tensor; with gradients they are kept."""
+    onnx = pytest.importorskip("onnx")
+    q = ActQuant(4).train()
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    q(x)
+    q.eval()
+    path = tmp_path / "act.onnx"
+    with torch.no_grad():
+        torch.onnx.export(q, (x,), str(path), dynamo=False)
+        want = q(x)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("Add") == 1 and ops.count("Sub") == 1  # x + β and − β only
+    assert ops.count("Round") == 1
+    x.requires_grad_(True)
+    out = q(x)  # the straight-through forms, same values, gradients through
+    assert torch.equal(out.detach(), want)
+    out.sum().backward()
+    assert x.grad is not None and q.step.grad is not None

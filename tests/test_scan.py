@@ -103,6 +103,36 @@ def test_chunk_sizes_not_dividing_length(backend: str, chunk: int) -> None:
     assert_close_to_ref(make_inputs(batch=2, groups=2, per_group=5, length=100, seed=7), backend, chunk=chunk)
 
 
+def test_segment_lengths():
+    from qmambair.scan.segmented import segment_length
+
+    assert segment_length(1024) == 32 and segment_length(4096) == 64  # √T when T is a square
+    assert segment_length(130) == 10 and segment_length(600) == 24  # the divisor nearest below √T
+    assert segment_length(12) == 3  # four segments of three
+    assert segment_length(97) is None and segment_length(2 * 101) is None  # a prime; only 2 below √202
+    assert segment_length(9) is None and segment_length(1) is None  # fewer than four segments
+
+
+SEGMENTED_CASES = ["all-options", "bare-groups1", "large-decay", "mixed-decay", "several-tiles"]
+
+
+@pytest.mark.parametrize("case", SEGMENTED_CASES)
+def test_segmented_chunks_match_float64_reference(case: str, monkeypatch) -> None:
+    """The O(T) segmented chunk (exported graphs) against the float64 loop: output, last state, gradients."""
+    from qmambair.scan import chunked
+
+    calls = []
+    real = chunked.segmented_chunk
+    monkeypatch.setattr(chunked, "segmented_chunk", lambda *a: calls.append(a[-1]) or real(*a))
+    ins = make_inputs(**CASES[case])
+    length = ins["u"].shape[-1]
+    assert_close_to_ref(ins, "chunked", chunk=length, segmented=True, checkpoint=False)
+    assert calls == [chunked.segment_length(length)]  # one chunk, segmented
+    calls.clear()
+    assert_close_to_ref(ins, "chunked", chunk=36, segmented=True, checkpoint=False)  # h0 carried in
+    assert calls[0] == 6  # chunks of 36 as 6 x 6 (a short last chunk may have its own or be doubled)
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_non_contiguous_inputs_and_no_grad(backend: str) -> None:
     ins = make_inputs(batch=2, groups=4, per_group=3, length=40)
@@ -437,6 +467,23 @@ def test_a_4_bit_delta_quantized_on_load_is_looked_up_by_code_with_the_same_resu
         wide = scan.LoadQuant(*d_q[:4], -128.0, 127.0)  # 8 bits: 256 codes, computed
         selective_scan(**args, delta_softplus=True, backend="cpu", delta_quant=wide)
         assert cpu.delta_code_lookups() == (0, 12)
+
+
+def test_delta_by_code_is_softplus_of_the_quantized_delta():
+    from qmambair.scan.load_quant import delta_by_code
+
+    ins = make_inputs(batch=2, groups=2, per_group=20, n=4, length=300)
+    delta, bias = ins["delta"].float() * 4, ins["delta_bias"].float()
+    inf = math.inf  # 4 bits, per sample, a clip on sample 0
+    d_q = scan.LoadQuant(torch.tensor([0.3, 0.2]), torch.tensor([0.05, -0.1]), torch.tensor([-0.5, -inf]),
+                         torch.tensor([0.4, inf]), -8.0, 7.0)
+    want = torch.nn.functional.softplus(quantize_by_hand(delta, *d_q) + bias[:, None])
+    got = delta_by_code(delta, d_q, bias)
+    assert torch.equal(got, want)
+    assert len(torch.unique(got[0, 0])) > 4  # many codes in use, the clip too
+    one = scan.LoadQuant(*(t[:1] for t in d_q[:4]), -8.0, 7.0)  # one set of scalars for the batch
+    want = torch.nn.functional.softplus(quantize_by_hand(delta, *one) + bias[:, None])
+    assert torch.equal(delta_by_code(delta, one, bias), want)
 
 
 def test_load_quant_levels_are_the_values_the_map_outputs():

@@ -34,21 +34,27 @@ EXPORT_CHUNK = 4096  # scan positions per unrolled chunk in the graph: one chunk
 
 @contextlib.contextmanager
 def export_scan(max_chunk: int = EXPORT_CHUNK) -> Iterator[None]:
-    """Route SS2D's scan to the chunked backend with chunks of up to ``max_chunk`` positions.
+    """Route SS2D's scan to the chunked backend with chunks of up to ``max_chunk`` positions, each run as a
+    segmented chunk (``scan.segmented``: O(T) work in about 11·√T nodes) where its length allows.
 
     The default chunk (64) makes the unrolled graph grow with the sequence length (~100k nodes and minutes
-    of export at 32x32); one long chunk keeps it to log2(L) doubling steps per block. ``selective_scan``
-    has no chunk argument, so SS2D's module-level reference is swapped while the context is active.
+    of export at 32x32); long chunks keep it small. A Δ quantized into at most ``CODE_LEVELS`` codes has its
+    softplus looked up by code (``load_quant.delta_by_code``). ``selective_scan`` has no chunk argument, so
+    SS2D's module-level reference is swapped while the context is active.
     """
     from .models import ss2d
     from .scan.chunked import selective_scan_chunked
-    from .scan.load_quant import quantize_before_scan
+    from .scan.load_quant import CODE_LEVELS, delta_by_code, quantize_before_scan
 
     def scan(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
         u_quant=None, delta_quant=None, delta_levels=None,
     ):  # fmt: skip
         del delta_levels  # a speed hint of the fused CPU scan
+        few_codes = delta_quant is not None and delta_quant.qp - delta_quant.qn + 1 <= CODE_LEVELS
+        if few_codes and delta_softplus and delta_bias is not None:  # softplus on a table of the codes
+            delta = delta_by_code(delta, delta_quant, delta_bias)
+            delta_quant, delta_bias, delta_softplus = None, None, False
         u, delta = quantize_before_scan(u, delta, u_quant, delta_quant)
         return selective_scan_chunked(
             u,
@@ -62,6 +68,7 @@ def export_scan(max_chunk: int = EXPORT_CHUNK) -> Iterator[None]:
             delta_softplus,
             return_last_state,
             chunk=min(u.shape[-1], max_chunk),
+            segmented=True,
         )
 
     old = ss2d.selective_scan

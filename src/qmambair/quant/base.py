@@ -17,17 +17,27 @@ SIGN_THRESHOLD = -1e-5  # signed if the first-batch minimum is below this (docs/
 MIN_STEP = 1e-8  # floor on learned steps/scales: a step driven to <= 0 by the optimiser would divide by zero
 
 
+def _value_only() -> bool:
+    """Only the forward value matters: no gradients, and not a torch.jit trace (whose check reruns the
+    function under no_grad and compares graphs), unless the trace is an ONNX export."""
+    return not torch.is_grad_enabled() and (torch.onnx.is_in_onnx_export() or not torch.jit.is_tracing())
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round in the forward pass, identity in the backward pass (straight-through estimator).
 
     Written as round(x) + (x − stopgrad x) so the value is exactly round(x) (``(round(x) − x).detach() + x``
     can be off by one ulp, which would create spurious extra levels).
     """
+    if _value_only():  # (x − x) is 0; an exported graph would carry it as two more passes over x
+        return torch.round(x)
     return x.detach().round() + (x - x.detach())
 
 
 def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Value ``x``, gradient multiplied by ``scale`` (LSQ's step-size gradient scaling)."""
+    if _value_only():
+        return x
     y = x * scale
     return x.detach() + (y - y.detach())
 

@@ -25,7 +25,9 @@ ONNX: exports with both torch.onnx exporters (dynamo=True and the TorchScript on
 reproduces the PyTorch output to ~4e-6. The graph holds only Softplus, Exp, Mul, Add, Slice, Concat,
 ReduceSum, Sigmoid, Transpose, Reshape/Unsqueeze, Gather and (dynamo) Where/Greater/ConstantOfShape; no
 CumSum, Loop or Scan. The chunk loop is unrolled at export, so the sequence length is fixed in the exported
-graph (export per input size; the graph grows with L / chunk)."""
+graph (export per input size; the graph grows with L / chunk). ``segmented=True`` runs the chunks as
+``segmented.segmented_chunk`` instead (O(chunk) work rather than O(chunk·log chunk): what the ONNX export
+uses)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tracing import capturing_graph
+from .segmented import segment_length, segmented_chunk
 
 CHUNK = 64
 
@@ -106,11 +109,13 @@ def selective_scan_chunked(
     return_last_state: bool = False,
     chunk: int = CHUNK,
     checkpoint: bool | None = None,
+    segmented: bool = False,
 ):
     """Chunked scan with mamba_ssm's ``selective_scan_fn`` semantics (B, C: (batch, G, N, L)).
 
     Computes in float64 for float64 inputs, else float32. ``checkpoint=None`` checkpoints each chunk exactly
-    when autograd is recording."""
+    when autograd is recording. ``segmented``: each chunk whose length has a segment length runs as
+    ``segmented.segmented_chunk`` (O(T) work in few nodes: for exported graphs), unless checkpointed."""
     if B.dim() != 4 or C.dim() != 4:
         raise ValueError("the chunked scan takes grouped B and C of shape (batch, groups, N, L)")
     if chunk < 1:
@@ -148,7 +153,11 @@ def selective_scan_chunked(
         if delta_softplus:
             d_c = F.softplus(d_c)
         args = (d_c, d_c * u_c, A3, B[..., t0:t1], C[..., t0:t1], h)
-        y_c, h = _RecomputedChunk.apply(*args) if checkpoint else _scan_chunk(*args)
+        segment = segment_length(t1 - t0) if segmented and not checkpoint else None
+        if segment is not None:
+            y_c, h = segmented_chunk(*args, segment)
+        else:
+            y_c, h = _RecomputedChunk.apply(*args) if checkpoint else _scan_chunk(*args)
         if D3 is not None:
             y_c = y_c + D3 * u_c
         if z4 is not None:

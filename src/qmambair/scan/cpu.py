@@ -42,7 +42,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .load_quant import FIELDS, INFERENCE_ONLY, MAX_LEVELS, LoadQuant
+from .load_quant import CODE_LEVELS, FIELDS, INFERENCE_ONLY, MAX_LEVELS, LoadQuant
 
 try:  # numba is optional: without it the dispatcher falls back to the chunked PyTorch scan
     import numba
@@ -62,7 +62,6 @@ _LANES = 16  # partial sums for the deterministic channel reduction of dB/dC
 _SCRATCH_FLOATS = 65536  # per buffer: chunk * N * block width stays about 256 KB (L2-resident)
 TILE = 256  # positions per forward tile (see ``_tile``)
 LEVELS = MAX_LEVELS  # the most values of delta for which exp(δ·A) is looked up instead of computed
-CODE_LEVELS = 16  # the most codes of a delta quantized as it is read for which δ is looked up (4 bits)
 
 if AVAILABLE:
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 FIELDS = 6  # s, b, lo, hi, Qn, Qp
+CODE_LEVELS = 16  # the most codes of a quantized delta for which δ is looked up by code (4 bits)
 MAX_LEVELS = 4  # the most levels of delta the CPU scan looks its decays up for (``LoadQuant.levels``)
 INFERENCE_ONLY = "u_quant / delta_quant are for inference: run without gradients (torch.no_grad())"
 
@@ -72,3 +73,22 @@ def fake_quant(x: torch.Tensor, q: LoadQuant) -> torch.Tensor:
     s, b, lo, hi = (t.to(x.dtype).reshape(shape) for t in (q.step, q.offset, q.lo, q.hi))
     t = torch.clamp((x + b) / s, q.qn, q.qp)
     return torch.minimum(torch.maximum(s * torch.round(t) - b, lo), hi)
+
+
+def delta_by_code(delta: torch.Tensor, q: LoadQuant, delta_bias: torch.Tensor) -> torch.Tensor:
+    """δ = softplus(fake_quant(Δ) + delta_bias), with softplus taken on a table of the codes.
+
+    Δ quantized by ``q`` takes one of Qp − Qn + 1 values per group, so softplus runs on a (channels, codes)
+    table and each position reads its entry (one Gather in an exported graph, docs/method.md §6). The code
+    is the rounded value ``fake_quant`` computes and each entry comes from the same float operations, so δ
+    equals softplus taken position by position. delta: (batch, channels, L); delta_bias: (channels,)."""
+    batch, channels, _ = delta.shape
+    s, b, lo, hi = (t.to(delta.dtype).reshape(-1, 1, 1) for t in (q.step, q.offset, q.lo, q.hi))
+    code = torch.round(torch.clamp((delta + b) / s, q.qn, q.qp)) - q.qn
+    k = torch.arange(int(q.qn), int(q.qp) + 1, dtype=delta.dtype)
+    levels = torch.minimum(torch.maximum(s * k - b, lo), hi)  # (1 or batch, 1, codes)
+    table = torch.nn.functional.softplus(levels + delta_bias.to(delta.dtype).reshape(1, channels, 1))
+    table = table.expand(batch, channels, k.numel()).reshape(-1)
+    first = torch.arange(batch * channels, dtype=torch.int64).reshape(batch, channels, 1) * k.numel()
+    index = code.to(torch.int64) + first
+    return torch.index_select(table, 0, index.reshape(-1)).reshape(index.shape)
