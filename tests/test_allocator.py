@@ -58,3 +58,44 @@ def test_the_command_line_applies_it(monkeypatch, capsys):
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
     assert cli.main(["info", "light-sr-x4-fp"]) == 0
     assert calls == [1]
+
+
+def test_fresh_pages_above_sets_the_mmap_threshold_and_puts_the_last_settings_back(monkeypatch):
+    from qmambair import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "_mallopt", lambda: lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.setitem(allocator._settings, "current", allocator.GLIBC_INITIAL)
+    assert allocator.keep_freed_memory()
+    calls.clear()
+    with allocator.fresh_pages_above(64 * 1024):
+        assert calls == [(allocator.M_MMAP_THRESHOLD, 64 * 1024),
+                         (allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD)]
+        calls.clear()
+    assert calls == [(allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD),  # keep_freed_memory's again
+                     (allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD)]
+
+
+def test_an_onnx_export_traces_with_fresh_pages(monkeypatch, tmp_path):
+    """Tracing fragments glibc's heap (~9 GB resident for a 64x64 MambaIR-light export): export_onnx must
+    trace inside fresh_pages_above."""
+    pytest.importorskip("onnx")
+    import contextlib
+
+    import torch
+
+    from qmambair import export_onnx
+
+    inside = []
+
+    @contextlib.contextmanager
+    def spy():
+        inside.append(True)
+        yield
+        inside.append(False)
+
+    real_export = torch.onnx.export
+    monkeypatch.setattr(export_onnx, "fresh_pages_above", spy)
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: inside.append("export") or real_export(*a, **k))
+    export_onnx.export_onnx(torch.nn.Conv2d(3, 3, 3, padding=1), tmp_path / "conv.onnx", tile=8)
+    assert inside == [True, "export", False]

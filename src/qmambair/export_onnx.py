@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .allocator import fresh_pages_above
+
 ONNX_OPSET = 18
 
 
@@ -137,7 +139,8 @@ def export_onnx(
     example = torch.rand(batch, in_chans, th, tw, generator=torch.Generator().manual_seed(0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with export_scan(), torch.no_grad(), warnings.catch_warnings():
+    # fresh pages for the trace's many mid-sized tensors: the heap would fragment (qmambair/allocator.py)
+    with fresh_pages_above(), export_scan(), torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         kwargs = {
