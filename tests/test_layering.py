@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "eval": {"models", "scan", "data", "fileio"},
     "train": {"models", "quant", "scan", "data", "eval", "fileio"},
     "export_qdq": {"models", "quant"},
-    "export_onnx": {"models", "quant", "scan", "fileio", "export_qdq"},
+    "export_onnx": {"models", "quant", "scan", "fileio", "export_qdq", "allocator"},
     "loading": {"models", "quant", "train", "fileio"},
     "experiments": {"models", "quant", "scan", "data", "eval", "train", "loading", "fileio"},
     "metrics": {"eval"},
