@@ -69,10 +69,19 @@ def quantize_before_scan(
 
 def fake_quant(x: torch.Tensor, q: LoadQuant) -> torch.Tensor:
     """``q`` applied to ``x`` (batch first) with torch operations, in the kernel's operation order."""
+    s, b, lo, hi = _per_sample(q, x)
+    return torch.minimum(torch.maximum(s * _code(x, s, b, q) - b, lo), hi)
+
+
+def _per_sample(q: LoadQuant, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q's (s, b, lo, hi) in x's dtype, shaped to broadcast against x (batch first)."""
     shape = (-1,) + (1,) * (x.dim() - 1)
-    s, b, lo, hi = (t.to(x.dtype).reshape(shape) for t in (q.step, q.offset, q.lo, q.hi))
-    t = torch.clamp((x + b) / s, q.qn, q.qp)
-    return torch.minimum(torch.maximum(s * torch.round(t) - b, lo), hi)
+    return tuple(t.to(x.dtype).reshape(shape) for t in (q.step, q.offset, q.lo, q.hi))
+
+
+def _code(x: torch.Tensor, s: torch.Tensor, b: torch.Tensor, q: LoadQuant) -> torch.Tensor:
+    """round(clip((x + b)/s, Qn, Qp)): the integer code of each value, as a float."""
+    return torch.round(torch.clamp((x + b) / s, q.qn, q.qp))
 
 
 def delta_by_code(delta: torch.Tensor, q: LoadQuant, delta_bias: torch.Tensor) -> torch.Tensor:
@@ -83,8 +92,8 @@ def delta_by_code(delta: torch.Tensor, q: LoadQuant, delta_bias: torch.Tensor) -
     is the rounded value ``fake_quant`` computes and each entry comes from the same float operations, so δ
     equals softplus taken position by position. delta: (batch, channels, L); delta_bias: (channels,)."""
     batch, channels, _ = delta.shape
-    s, b, lo, hi = (t.to(delta.dtype).reshape(-1, 1, 1) for t in (q.step, q.offset, q.lo, q.hi))
-    code = torch.round(torch.clamp((delta + b) / s, q.qn, q.qp)) - q.qn
+    s, b, lo, hi = _per_sample(q, delta)
+    code = _code(delta, s, b, q) - q.qn
     k = torch.arange(int(q.qn), int(q.qp) + 1, dtype=delta.dtype)
     levels = torch.minimum(torch.maximum(s * k - b, lo), hi)  # (1 or batch, 1, codes)
     table = torch.nn.functional.softplus(levels + delta_bias.to(delta.dtype).reshape(1, channels, 1))
