@@ -77,7 +77,7 @@ def test_fresh_pages_above_sets_the_mmap_threshold_and_puts_the_last_settings_ba
 
 
 def test_an_onnx_export_traces_with_fresh_pages(monkeypatch, tmp_path):
-    """Tracing fragments glibc's heap (~9 GB resident for a 64x64 MambaIR-light export): export_onnx must
+    """Tracing fragments glibc's heap (many GB resident for a 64x64 MambaIR-light export): export_onnx must
     trace inside fresh_pages_above."""
     pytest.importorskip("onnx")
     import contextlib

@@ -12,8 +12,9 @@ start-up; library users may call it. The cost: up to 512 MiB of freed memory may
 nothing. ``benchmarks/allocator.py`` measures the effect.
 
 Tracing a model for export is the opposite case: thousands of blocks below 32 MiB whose lifetimes interleave,
-which fragment the heap (a 64×64 ONNX export of MambaIR-light grew to ~9 GB resident with the heap serving
-them, 0.6 GB with fresh pages). ``fresh_pages_above`` serves such blocks from the kernel while an export runs.
+which fragment the heap (a 64×64 ONNX export of MambaIR-light grew to many GB resident with the heap serving
+them, an order of magnitude more than with fresh pages). ``fresh_pages_above`` serves such blocks from the
+kernel while an export runs.
 """
 
 from __future__ import annotations
