@@ -9,7 +9,8 @@ case once, in turn; the table gives medians and ratios):
 - ``int8``: the same packed model in integer inference (``qmambair.quant.int8``: int8 codes, int8 x int8 ->
   int32 products, exact offset corrections);
 - ``onnx-float`` / ``onnx-qdq`` (``--onnx``): the float model and the packed model exported at the input size
-  and run by onnxruntime (CPU, ``--threads`` intra-op threads).
+  and run by onnxruntime (CPU, ``--threads`` intra-op threads that sleep rather than spin between runs, so
+  that no case takes CPU from the one after it).
 
 A second table splits each PyTorch case's time (forward hooks, one extra run each) into the selective scan
 with its input quantizers, the quantized (or, for float, the corresponding) conv/linear/projection layers,
@@ -144,7 +145,7 @@ def build_cases(
             print(f"exported {name} in {time.perf_counter() - start:.0f} s")
             sizes[f"{name}.onnx"] = path.stat().st_size
             nodes[name] = onnx_node_counts(path, args.threads)
-            session = onnx_session(path, args.threads)
+            session = onnx_session(path, args.threads, spinning=False)  # no CPU taken from the next case
             feed = {session.get_inputs()[0].name: array}
             cases[name] = lambda session=session, feed=feed: session.run(None, feed)
     return cases, {"float": fp, "fake-quant": fake, "int8": int8}, sizes, x, nodes

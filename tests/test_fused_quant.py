@@ -387,6 +387,25 @@ def test_statistics_of_a_repeated_tensor_come_from_one_copy(mode, data):
     assert all(torch.equal(r.flatten(), g.flatten()) for r, g in zip(ref, got, strict=True))
 
 
+@pytest.mark.parametrize("data", ["gaussian", "outliers", "all_negative", "batch1", "large", "constant",
+                                  "one_element"])
+def test_exported_statistics_equal_the_two_pass_ones(data, monkeypatch):
+    """In an ONNX export DLS's statistics come from Σx and Σx² in float64 (fewer passes in the graph); rounded
+    to float32 they equal torch's two-pass float64 var_mean (the eager path, the oracle)."""
+    import qmambair.quant.fused as fused
+
+    x = tensors()[data]
+    x2 = x.reshape(x.shape[0] if x.dim() > 1 else 1, -1)
+    for copies in (1, 4):
+        want = fused.group_stats(x2.repeat(1, copies))
+        with monkeypatch.context() as m:
+            m.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+            got = fused.group_stats(x2, copies=copies)
+        for name, r, g in zip(("mean", "var", "min", "max"), want, got, strict=True):
+            assert (r is None) == (g is None), name
+            assert r is None or torch.equal(r, g), f"{name} x{copies}: {r.flatten()[:3]} vs {g.flatten()[:3]}"
+
+
 def _quantized_scan_model(method: str = "qmambair", per_sample: bool = True) -> torch.nn.Module:
     from qmambair.models.presets import build_model
     from qmambair.quant import QuantConfig, quantize_model

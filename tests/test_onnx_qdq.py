@@ -13,7 +13,7 @@ from qmambair.cli import main
 from qmambair.export_onnx import QUANT_MIN_PSNR, export_onnx, onnx_parity, onnx_session, psnr_against
 from qmambair.loading import load_model
 from qmambair.quant import QuantConfig
-from qmambair.quant.layers import QConv2d, QLinear, QProjection
+from qmambair.quant.layers import QConv2d, QLinear, QProjection, QScan
 from qmambair.quant.pack import PROJECTION_WEIGHTS, export_packed, weight_codes
 
 from .test_onnx import real_tile, reference, small_model
@@ -46,11 +46,11 @@ def graph_ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
-def softplus_input_shapes(path) -> list[list[int]]:
-    """The input shape of every Softplus of the graph (ONNX shape inference)."""
+def input_shapes(path, op: str) -> list[list[int] | None]:
+    """The (first) input shape of every ``op`` node of the graph (ONNX shape inference; None if unknown)."""
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
-    return [shapes[node.input[0]] for node in graph.node if node.op_type == "Softplus"]
+    return [shapes.get(node.input[0]) for node in graph.node if node.op_type == op]
 
 
 def test_qdq_graph_holds_the_weight_codes_as_int8(tmp_path):
@@ -62,8 +62,12 @@ def test_qdq_graph_holds_the_weight_codes_as_int8(tmp_path):
     inits = {t.name: t for t in graph.initializer}
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, QLAYERS)]
     assert len(layers) > 10
-    assert ops.count("QuantizeLinear") == len(layers)  # one per layer input (fresh RFA: β_w = 0, no row sums)
-    assert ops.count("DequantizeLinear") == 2 * len(layers)  # its activation and its weight
+    scans = [m for m in model.modules() if isinstance(m, QScan)]
+    # one per layer input (fresh RFA: β_w = 0, no row sums); per scan one for Δ's codes (the decay tables)
+    # and one for u
+    assert ops.count("QuantizeLinear") == len(layers) + 2 * len(scans) and len(scans) == 4
+    # a layer's activation and its weight; the scan's u
+    assert ops.count("DequantizeLinear") == 2 * len(layers) + len(scans)
     consumers = {i: n.op_type for n in graph.node for i in n.input}
     for path_, layer in layers:
         # oracle: the codes of the model itself (unfrozen: computed from its float weight)
@@ -103,7 +107,11 @@ def test_shipped_models_match_pytorch(tmp_path, name):
     ops = graph_ops(path)
     assert "QuantizeLinear" in ops
     codes = 16 if name.endswith("w4a4") else 4  # softplus on a table of Δ's codes, per block
-    assert softplus_input_shapes(path) == [[1, 4 * 72, codes]] * 2
+    assert input_shapes(path, "Softplus") == [[1, 4 * 72, codes]] * 2
+    # the decays exp(δ·A) too: per block an Exp on a (channels, codes, N) table, one on the segments' totals
+    # and one for A = −exp(A_log), not one per step of the 32 x 32 segmented scan
+    exps = input_shapes(path, "Exp")
+    assert exps.count([1, 4 * 72, codes, 10]) == 2 and len(exps) == 3 * 2
     parity = onnx_parity(model, path, x)
     # the CLI's bar; measured 64-140 dB: on some tiles onnxruntime's float rounding flips a code against
     # PyTorch, in the fake-quant float graph exactly as in the QDQ graph
@@ -129,7 +137,7 @@ def test_fresh_models_match_pytorch(tmp_path, config, batch):
     ops = graph_ops(path)
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     codes = 2**config.a_bits
-    assert softplus_input_shapes(path) == [[batch, 4 * 28, codes]] * 4  # per block, on a table of Δ's codes
+    assert input_shapes(path, "Softplus") == [[batch, 4 * 28, codes]] * 4  # per block, on Δ's codes
     assert run_psnr(model, path, x) > 100
 
 
@@ -182,3 +190,64 @@ def test_qdq_needs_the_tracer(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", tile=16, dynamo=True)
     with pytest.raises(ValueError, match="format"):
         export_onnx(model, tmp_path / "m.onnx", tile=16, fmt="int4")
+
+
+@pytest.mark.parametrize("qn,qp", [(-8.0, 7.0), (-2.0, 1.0), (0.0, 15.0)])
+def test_grid_index_from_quantize_linear_is_the_rounded_clipped_code(qn, qp, tmp_path):
+    """The QDQ export's Δ codes (Clip, then QuantizeLinear with zero point −Qn), in PyTorch and as exported
+    to onnxruntime, against the code written out in numpy float32: round half to even of clip((x + b)/s,
+    Qn, Qp), minus Qn."""
+    from qmambair.export_qdq import grid_index
+
+    s, b = np.float32(0.37), np.float32(-0.11)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 5, 300, generator=g) * 3).numpy()
+    # ties: (x + b)/s = k + 1/2
+    x[0, 0, :40] = (np.arange(-20, 20, dtype=np.float32) + np.float32(0.5)) * s - b
+    want = np.round(np.clip((x + b) / s, qn, qp)) - qn
+    got = grid_index(torch.from_numpy(x), torch.tensor(s), torch.tensor(b), qn, qp)
+    assert got.dtype == torch.uint8
+    assert np.array_equal(got.numpy().astype(np.float32), want)
+    assert len(np.unique(want)) == qp - qn + 1  # every code in use, both clips too
+
+    class Codes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("s", torch.tensor(s))
+            self.register_buffer("b", torch.tensor(b))
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return grid_index(t, self.s, self.b, qn, qp)
+
+    path = tmp_path / "codes.onnx"
+    torch.onnx.export(Codes(), (torch.from_numpy(x),), str(path), dynamo=False, input_names=["input"])
+    assert "QuantizeLinear" in graph_ops(path)
+    out = onnx_session(path).run(None, {"input": x})[0]
+    assert out.dtype == np.uint8 and np.array_equal(out.astype(np.float32), want)
+
+
+@pytest.mark.parametrize("qn,qp", [(-8.0, 7.0), (0.0, 3.0)])
+def test_fake_quant_through_quantize_linear_is_the_affine_map(qn, qp, tmp_path):
+    """The QDQ export's fake quantization of the scan's u (Clip, QuantizeLinear, DequantizeLinear, clip to
+    [lo, hi]), in PyTorch and in onnxruntime, against the map written out in numpy float32."""
+    from qmambair.export_qdq import fake_quant_qdq
+
+    s, b, lo, hi = np.float32(0.21), np.float32(0.4), np.float32(-1.1), np.float32(0.9)
+    x = (torch.randn(2, 6, 200, generator=torch.Generator().manual_seed(1)) * 2).numpy()
+    want = np.clip(np.round(np.clip((x + b) / s, qn, qp)) * s - b, lo, hi)
+    assert len(np.unique(want)) >= 4  # several levels; the clips to [lo, hi] where the grid reaches them
+
+    class FakeQuant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, value in zip(("s", "b", "lo", "hi"), (s, b, lo, hi), strict=True):
+                self.register_buffer(name, torch.tensor(value))
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return fake_quant_qdq(t, self.s, self.b, self.lo, self.hi, qn, qp)
+
+    assert np.array_equal(FakeQuant()(torch.from_numpy(x)).numpy(), want)
+    path = tmp_path / "fq.onnx"
+    torch.onnx.export(FakeQuant(), (torch.from_numpy(x),), str(path), dynamo=False, input_names=["input"])
+    assert {"QuantizeLinear", "DequantizeLinear"} <= graph_ops(path)
+    assert np.array_equal(onnx_session(path).run(None, {"input": x})[0], want)

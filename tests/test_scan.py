@@ -123,7 +123,7 @@ def test_segmented_chunks_match_float64_reference(case: str, monkeypatch) -> Non
 
     calls = []
     real = chunked.segmented_chunk
-    monkeypatch.setattr(chunked, "segmented_chunk", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(chunked, "segmented_chunk", lambda *a: calls.append(a[6]) or real(*a))
     ins = make_inputs(**CASES[case])
     length = ins["u"].shape[-1]
     assert_close_to_ref(ins, "chunked", chunk=length, segmented=True, checkpoint=False)
@@ -470,7 +470,10 @@ def test_a_4_bit_delta_quantized_on_load_is_looked_up_by_code_with_the_same_resu
 
 
 def test_delta_by_code_is_softplus_of_the_quantized_delta():
-    from qmambair.scan.load_quant import delta_by_code
+    from qmambair.scan.load_quant import delta_codes
+
+    def delta_by_code(delta, q, bias):
+        return delta_codes(delta, q, bias).delta()
 
     ins = make_inputs(batch=2, groups=2, per_group=20, n=4, length=300)
     delta, bias = ins["delta"].float() * 4, ins["delta_bias"].float()
@@ -484,6 +487,30 @@ def test_delta_by_code_is_softplus_of_the_quantized_delta():
     one = scan.LoadQuant(*(t[:1] for t in d_q[:4]), -8.0, 7.0)  # one set of scalars for the batch
     want = torch.nn.functional.softplus(quantize_by_hand(delta, *one) + bias[:, None])
     assert torch.equal(delta_by_code(delta, one, bias), want)
+
+
+def test_segmented_scan_reads_decays_of_a_coded_delta_from_their_table():
+    """Decays exp(δ·A) read by code (the QDQ export's scan) equal those computed position by position."""
+    from qmambair.scan.chunked import selective_scan_chunked
+    from qmambair.scan.load_quant import delta_codes
+
+    ins = make_inputs(batch=2, groups=2, per_group=6, n=4, length=144)
+    f = {k: (ins[k].float() if isinstance(ins[k], torch.Tensor) else None) for k in NAMES}
+    d_q = scan.LoadQuant(torch.tensor([0.3, 0.2]), torch.tensor([0.05, -0.1]),
+                         torch.tensor([-0.5, -math.inf]), torch.tensor([0.4, math.inf]), -8.0, 7.0)
+    codes = delta_codes(f["delta"] * 4, d_q, f["delta_bias"])
+    delta = codes.delta()
+    assert len(torch.unique(codes.index)) > 40  # many (sample, channel, code) rows in use
+    args = (f["u"], delta, f["A"], f["B"], f["C"], f["D"], f["z"])
+    with torch.no_grad():
+        for chunk in (144, 48):  # one chunk of 12 x 12; three of 48 (8 x 6) with a carried state
+            want = selective_scan_chunked(*args, chunk=chunk, segmented=True)
+            lookup = (codes.decay_rows(f["A"]), codes.index)
+            got = selective_scan_chunked(*args, chunk=chunk, segmented=True, decay_lookup=lookup)
+            assert torch.equal(got, want)
+            wrong = (lookup[0] * 0.5, lookup[1])  # the rows are what the scan reads
+            assert not torch.allclose(selective_scan_chunked(*args, chunk=chunk, segmented=True,
+                                                             decay_lookup=wrong), want, atol=1e-3)
 
 
 def test_load_quant_levels_are_the_values_the_map_outputs():

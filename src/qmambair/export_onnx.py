@@ -35,18 +35,21 @@ EXPORT_CHUNK = 4096  # scan positions per unrolled chunk in the graph: one chunk
 
 
 @contextlib.contextmanager
-def export_scan(max_chunk: int = EXPORT_CHUNK) -> Iterator[None]:
+def export_scan(max_chunk: int = EXPORT_CHUNK, qdq_codes: bool = False) -> Iterator[None]:
     """Route SS2D's scan to the chunked backend with chunks of up to ``max_chunk`` positions, each run as a
     segmented chunk (``scan.segmented``: O(T) work in about 11·√T nodes) where its length allows.
 
     The default chunk (64) makes the unrolled graph grow with the sequence length (~100k nodes and minutes
     of export at 32x32); long chunks keep it small. A Δ quantized into at most ``CODE_LEVELS`` codes has its
-    softplus looked up by code (``load_quant.delta_by_code``). ``selective_scan`` has no chunk argument, so
-    SS2D's module-level reference is swapped while the context is active.
+    softplus and its decays exp(δ·A) looked up by code (``load_quant.DeltaCodes``). ``qdq_codes`` (the QDQ
+    format): Δ's codes come from a QuantizeLinear node (``export_qdq.grid_index``) and u's fake quantization
+    rounds in QuantizeLinear/DequantizeLinear (``export_qdq.fake_quant_qdq``). ``selective_scan``
+    has no chunk argument, so SS2D's module-level reference is swapped while the context is active.
     """
+    from .export_qdq import fake_quant_qdq, grid_index
     from .models import ss2d
     from .scan.chunked import selective_scan_chunked
-    from .scan.load_quant import CODE_LEVELS, delta_by_code, quantize_before_scan
+    from .scan.load_quant import CODE_LEVELS, delta_codes, quantize_before_scan
 
     def scan(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
@@ -54,9 +57,16 @@ def export_scan(max_chunk: int = EXPORT_CHUNK) -> Iterator[None]:
     ):  # fmt: skip
         del delta_levels  # a speed hint of the fused CPU scan
         few_codes = delta_quant is not None and delta_quant.qp - delta_quant.qn + 1 <= CODE_LEVELS
-        if few_codes and delta_softplus and delta_bias is not None:  # softplus on a table of the codes
-            delta = delta_by_code(delta, delta_quant, delta_bias)
+        decay_lookup = None
+        if few_codes and delta_softplus and delta_bias is not None:  # softplus and decays on tables of codes
+            grid = None
+            if qdq_codes and delta_quant.step.numel() == 1 and delta_quant.offset.numel() == 1:
+                grid = grid_index(delta, delta_quant.step, delta_quant.offset, delta_quant.qn, delta_quant.qp)
+            codes = delta_codes(delta, delta_quant, delta_bias, grid)
+            delta, decay_lookup = codes.delta(), (codes.decay_rows(A), codes.index)
             delta_quant, delta_bias, delta_softplus = None, None, False
+        if qdq_codes and u_quant is not None and all(t.numel() == 1 for t in u_quant[:4]):
+            u, u_quant = fake_quant_qdq(u, *u_quant), None
         u, delta = quantize_before_scan(u, delta, u_quant, delta_quant)
         return selective_scan_chunked(
             u,
@@ -71,6 +81,7 @@ def export_scan(max_chunk: int = EXPORT_CHUNK) -> Iterator[None]:
             return_last_state,
             chunk=min(u.shape[-1], max_chunk),
             segmented=True,
+            decay_lookup=decay_lookup,
         )
 
     old = ss2d.selective_scan
@@ -129,7 +140,8 @@ def export_onnx(
         raise ValueError(f"ONNX format must be one of {', '.join(ONNX_FORMATS)}, got {fmt!r}")
     th, tw = _tile(tile)
     prepared = prepare_for_export(model)
-    if fmt == "qdq" and getattr(prepared, "quant_config", None) is not None:
+    qdq = fmt == "qdq" and getattr(prepared, "quant_config", None) is not None
+    if qdq:
         if dynamo:
             raise ValueError("the QDQ ONNX format needs the TorchScript tracer (dynamo=False)")
         from .export_qdq import use_qdq
@@ -140,7 +152,7 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # fresh pages for the trace's many mid-sized tensors: the heap would fragment (qmambair/allocator.py)
-    with fresh_pages_above(), export_scan(), torch.no_grad(), warnings.catch_warnings():
+    with fresh_pages_above(), export_scan(qdq_codes=qdq), torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         kwargs = {
@@ -156,16 +168,23 @@ def export_onnx(
 
 
 def onnx_session(
-    path: str | os.PathLike, threads: int | None = None, optimized_path: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    threads: int | None = None,
+    optimized_path: str | os.PathLike | None = None,
+    spinning: bool = True,
 ):
     """An onnxruntime CPU session for an exported model (``threads`` intra-op threads; all graph
     optimisations on). ``optimized_path`` also writes the graph as onnxruntime rewrote it (which fusions,
-    e.g. ``MatMulIntegerToFloat``, it made)."""
+    e.g. ``MatMulIntegerToFloat``, it made). ``spinning=False``: idle worker threads sleep instead of
+    spinning (onnxruntime's default spins them for a while after each run, taking CPU from whatever runs
+    next, e.g. the other cases of a benchmark)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -28,9 +28,11 @@ max x] is not affine: convolutions keep it (float ops on x̂); matrix products l
 (at most Δ/2 beyond the extremes of the tensor) unclipped to keep the integer form. That is the one
 departure from fake-quant (docs/method.md §6; the parity tests of ``tests/test_onnx_qdq.py`` bound it).
 
-Not converted (they stay as the fake-quant float ops of the plain export): layers whose activation quantizer
-is not ``ActQuant``, ``DLS``, ``LSQ`` or ``LSQPlus``, weights without affine integer codes (DoReFa's level
-table), more than 8 bits, and the scan inputs, which the scan consumes in float (docs/method.md §4.3).
+The scan consumes its inputs in float (docs/method.md §4.3); of them, Δ's codes come from a QuantizeLinear
+(``grid_index``: the index into the export scan's tables of softplus and decays) and u's fake quantization
+rounds through a Q/DQ pair (``fake_quant_qdq``). Not converted (they stay as the fake-quant float ops of the
+plain export): the other scan inputs, layers whose activation quantizer is not ``ActQuant``, ``DLS``, ``LSQ``
+or ``LSQPlus``, weights without affine integer codes (DoReFa's level table), and more than 8 bits.
 """
 
 from __future__ import annotations
@@ -61,27 +63,31 @@ def _axis_view(t: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
-def _zero_point(g, scale, unsigned: bool, axis: int | None):
+def _zero_point(g, scale, unsigned: bool, axis: int | None, value: int = 0):
     dtype = torch.uint8 if unsigned else torch.int8
     if axis is None:
-        return g.op("Constant", value_t=torch.tensor(0, dtype=dtype))
+        return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
     size = scale.type().sizes()[0]
-    return g.op("Constant", value_t=torch.zeros(size, dtype=dtype))
+    return g.op("Constant", value_t=torch.full((size,), value, dtype=dtype))
 
 
 class QuantizeLinear(torch.autograd.Function):
-    """ONNX QuantizeLinear with zero point 0: saturate(round_half_even(x / scale)) as int8 or uint8."""
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point) as int8 or uint8.
+
+    ``zero_point`` is an integer given as a float, always passed: the tracer fails ("Argument passed to at()
+    was not in the map") on an int 0 argument and on an omitted one."""
 
     @staticmethod
-    def forward(ctx, x, scale, axis: int | None, unsigned: bool):  # noqa: ANN001, ANN205
-        q = torch.round(x / _axis_view(scale, axis, x.dim()))
+    def forward(ctx, x, scale, axis: int | None, unsigned: bool, zero_point: float):  # noqa: ANN001, ANN205
+        q = torch.round(x / _axis_view(scale, axis, x.dim())) + zero_point
         lo, hi = (0, 255) if unsigned else (-128, 127)
         return q.clamp(lo, hi).to(torch.uint8 if unsigned else torch.int8)
 
     @staticmethod
-    def symbolic(g, x, scale, axis, unsigned):  # noqa: ANN001, ANN205
+    def symbolic(g, x, scale, axis, unsigned, zero_point):  # noqa: ANN001, ANN205
         kwargs = {} if axis is None else {"axis_i": axis}
-        return g.op("QuantizeLinear", x, scale, _zero_point(g, scale, unsigned, axis), **kwargs)
+        zero = _zero_point(g, scale, unsigned, axis, int(zero_point))
+        return g.op("QuantizeLinear", x, scale, zero, **kwargs)
 
 
 class DequantizeLinear(torch.autograd.Function):
@@ -120,7 +126,7 @@ class QDQActivation(NamedTuple):
     def requantized(self) -> torch.Tensor:
         """s·q again from a second QuantizeLinear/DequantizeLinear pair on the same input: a second consumer
         of the first pair (the row sums) would stop onnxruntime from fusing it into an integer matmul."""
-        q = QuantizeLinear.apply(self.t, self.scale, self.axis, self.unsigned)
+        q = QuantizeLinear.apply(self.t, self.scale, self.axis, self.unsigned, 0.0)
         return DequantizeLinear.apply(q, self.scale, self.axis)
 
 
@@ -132,21 +138,55 @@ def quantize_dequantize(quantizer: nn.Module, x: torch.Tensor) -> QDQActivation:
     t = x if beta is None else x + beta
     qn, qp = quantizer.qn, quantizer.qp
     if isinstance(quantizer, DLS):  # per-call bounds
-        t = torch.minimum(torch.maximum(t, scale * qn), scale * qp)
+        t = _clip(t, scale * qn, scale * qp)
     else:
         t = torch.clamp(t, float(scale * qn), float(scale * qp))
     unsigned = not quantizer.is_signed
-    a = DequantizeLinear.apply(QuantizeLinear.apply(t, qscale, axis, unsigned), qscale, axis)
+    a = DequantizeLinear.apply(QuantizeLinear.apply(t, qscale, axis, unsigned, 0.0), qscale, axis)
     return QDQActivation(a, beta, clip, t, qscale, axis, unsigned)
+
+
+def grid_index(
+    x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, qn: float, qp: float
+) -> torch.Tensor:
+    """round(clip((x + offset)/step, qn, qp)) − qn, the 0-based grid index of each value, as uint8 from one
+    QuantizeLinear (zero point −qn) after a Clip to [step·qn, step·qp]: the same integers (a clipped value
+    divides back to within an ulp of qn or qp). One step and offset for the tensor; at most 256 codes."""
+    if step.numel() != 1 or offset.numel() != 1 or not 0 < qp - qn < 256:
+        raise ValueError("grid_index takes one step and offset and at most 256 codes")
+    s = step.reshape(()).to(x.dtype)
+    t = torch.clamp(x + offset.reshape(()).to(x.dtype), s * qn, s * qp)
+    return QuantizeLinear.apply(t, s, None, True, float(-qn))
+
+
+def fake_quant_qdq(
+    x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qn: float,
+    qp: float,
+) -> torch.Tensor:
+    """The affine fake quantization min(max(s·round(clip((x + b)/s, qn, qp)) − b, lo), hi) with its rounding
+    in QuantizeLinear/DequantizeLinear (zero point 0) after a Clip to [s·qn, s·qp]: fewer, lighter passes
+    than Div/Clip/Round/Mul in float, the same values. One set of scalars for the tensor; at most 8 bits."""
+    if any(t.numel() != 1 for t in (step, offset, lo, hi)) or not 0 < qp - qn < 256:
+        raise ValueError("fake_quant_qdq takes one step, offset, lo and hi and at most 256 codes")
+    s = step.reshape(()).to(x.dtype)
+    b = offset.reshape(()).to(x.dtype)
+    t = torch.clamp(x + b, s * qn, s * qp)
+    a = DequantizeLinear.apply(QuantizeLinear.apply(t, s, None, qn >= 0, 0.0), s, None)
+    return _clip(a - b, lo.to(x.dtype), hi.to(x.dtype))
 
 
 def _float_activation(quantizer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x̂ in float from the Q/DQ pair: a − β_a, clipped to [min x, max x] for DLS."""
     act = quantize_dequantize(quantizer, x)
     xh = act.a if act.beta is None else act.a - act.beta
-    if act.clip is not None:
-        xh = torch.minimum(torch.maximum(xh, act.clip[0]), act.clip[1])
-    return xh
+    return xh if act.clip is None else _clip(xh, *act.clip)
+
+
+def _clip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """min(max(x, lo), hi); one Clip node when the bounds are single values (per tensor), else Max and Min."""
+    if lo.numel() == 1 and hi.numel() == 1:
+        return torch.clamp(x, lo.reshape(()), hi.reshape(()))
+    return torch.minimum(torch.maximum(x, lo), hi)
 
 
 def _per_sample_view(t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -193,6 +193,8 @@ def group_stats(
     changes: n·c − 1 degrees of freedom), for a tensor made of repeats of ``x2`` without reading them.
     """
     groups, n = x2.shape
+    if torch.onnx.is_in_onnx_export():
+        return _exported_stats(x2, copies)
     if not fused:
         if n * copies > 1:
             var, mean = torch.var_mean(x2.double(), dim=1, correction=1 if copies == 1 else 0, keepdim=True)
@@ -205,6 +207,23 @@ def group_stats(
     stats = _stats_np(x2, copies)
     mean, var, lo, hi = (None if a is None else torch.from_numpy(a).reshape(groups, 1) for a in stats)
     return mean, var, lo, hi
+
+
+def _exported_stats(
+    x2: torch.Tensor, copies: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """``group_stats`` in few passes for an exported graph: Σx and Σx² in float64 (the moments as the numba
+    pass forms them, unshifted, which float64 keeps to ~1e-16 relative for activations whose mean is not many
+    orders above their spread; onnxruntime's ReduceSumSquare is slower than Mul and ReduceSum), min and max
+    in float32."""
+    n = x2.shape[1]
+    x64 = x2.double()
+    s1, s2 = x64.sum(1, keepdim=True), (x64 * x64).sum(1, keepdim=True)
+    mean = (s1 / n).to(x2.dtype)
+    var = None
+    if n * copies > 1:
+        var = ((s2 - s1 * s1 / n) * copies / (n * copies - 1)).clamp_min(0).to(x2.dtype)
+    return mean, var, x2.amin(dim=1, keepdim=True), x2.amax(dim=1, keepdim=True)
 
 
 def _stats_np(

@@ -96,6 +96,12 @@ class _RecomputedChunk(torch.autograd.Function):
         return tuple(next(got) if t.requires_grad else None for t in inputs)
 
 
+def _positions(t: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+    """Positions t0..t1 − 1 (last axis) of ``t``; ``t`` itself when that is all of them (no Slice node in an
+    exported graph)."""
+    return t if t0 == 0 and t1 == t.shape[-1] else t[..., t0:t1]
+
+
 def selective_scan_chunked(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -110,12 +116,15 @@ def selective_scan_chunked(
     chunk: int = CHUNK,
     checkpoint: bool | None = None,
     segmented: bool = False,
+    decay_lookup: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Chunked scan with mamba_ssm's ``selective_scan_fn`` semantics (B, C: (batch, G, N, L)).
 
     Computes in float64 for float64 inputs, else float32. ``checkpoint=None`` checkpoints each chunk exactly
     when autograd is recording. ``segmented``: each chunk whose length has a segment length runs as
-    ``segmented.segmented_chunk`` (O(T) work in few nodes: for exported graphs), unless checkpointed."""
+    ``segmented.segmented_chunk`` (O(T) work in few nodes: for exported graphs), unless checkpointed; those
+    chunks read their decays exp(δ·A) from ``decay_lookup`` = (rows (K, N), index (batch, channels, L)) when
+    given (δ of few values: ``load_quant.DeltaCodes``; the other chunks compute the same values)."""
     if B.dim() != 4 or C.dim() != 4:
         raise ValueError("the chunked scan takes grouped B and C of shape (batch, groups, N, L)")
     if chunk < 1:
@@ -147,21 +156,25 @@ def selective_scan_chunked(
     ys = []
     for t0 in range(0, length, chunk):
         t1 = min(t0 + chunk, length)
-        d_c, u_c = delta4[..., t0:t1], u4[..., t0:t1]
+        d_c, u_c = _positions(delta4, t0, t1), _positions(u4, t0, t1)
         if bias3 is not None:
             d_c = d_c + bias3
         if delta_softplus:
             d_c = F.softplus(d_c)
-        args = (d_c, d_c * u_c, A3, B[..., t0:t1], C[..., t0:t1], h)
+        args = (d_c, d_c * u_c, A3, _positions(B, t0, t1), _positions(C, t0, t1), h)
         segment = segment_length(t1 - t0) if segmented and not checkpoint else None
         if segment is not None:
-            y_c, h = segmented_chunk(*args, segment)
+            lookup = None
+            if decay_lookup is not None:
+                rows, index = decay_lookup
+                lookup = (rows, _positions(index.reshape(nb, groups, dg, length), t0, t1))
+            y_c, h = segmented_chunk(*args, segment, lookup)
         else:
             y_c, h = _RecomputedChunk.apply(*args) if checkpoint else _scan_chunk(*args)
         if D3 is not None:
             y_c = y_c + D3 * u_c
         if z4 is not None:
-            y_c = y_c * F.silu(z4[..., t0:t1])
+            y_c = y_c * F.silu(_positions(z4, t0, t1))
         if out is not None:
             out[..., t0:t1] = y_c
         else:

@@ -84,20 +84,48 @@ def _code(x: torch.Tensor, s: torch.Tensor, b: torch.Tensor, q: LoadQuant) -> to
     return torch.round(torch.clamp((x + b) / s, q.qn, q.qp))
 
 
-def delta_by_code(delta: torch.Tensor, q: LoadQuant, delta_bias: torch.Tensor) -> torch.Tensor:
-    """δ = softplus(fake_quant(Δ) + delta_bias), with softplus taken on a table of the codes.
+class DeltaCodes(NamedTuple):
+    """A Δ quantized into few codes, after softplus: δ at each position is an entry of a small table.
+
+    ``table``: (batch·channels·codes,) softplus(level + delta_bias), one run of ``codes`` entries per
+    (sample, channel); ``index``: (batch, channels, L) int32, each position's entry."""
+
+    table: torch.Tensor
+    index: torch.Tensor
+    codes: int
+
+    def delta(self) -> torch.Tensor:
+        """δ (batch, channels, L): each position's table entry (one Gather in an exported graph)."""
+        return torch.index_select(self.table, 0, self.index.reshape(-1)).reshape(self.index.shape)
+
+    def decay_rows(self, A: torch.Tensor) -> torch.Tensor:
+        """(batch·channels·codes, N) exp(δ·A) of every table entry, A: (channels, N); row ``index[p]``
+        holds the decays of position p, from the float operations the scan applies to δ and A."""
+        batch, channels, _ = self.index.shape
+        entries = self.table.reshape(batch, channels, self.codes, 1)
+        return torch.exp(entries * A.to(entries.dtype).reshape(1, channels, 1, -1)).reshape(-1, A.shape[-1])
+
+
+def delta_codes(
+    delta: torch.Tensor, q: LoadQuant, delta_bias: torch.Tensor, grid: torch.Tensor | None = None
+) -> DeltaCodes:
+    """Δ (batch, channels, L) quantized by ``q`` as a table of softplus(level + delta_bias) and an index.
 
     Δ quantized by ``q`` takes one of Qp − Qn + 1 values per group, so softplus runs on a (channels, codes)
-    table and each position reads its entry (one Gather in an exported graph, docs/method.md §6). The code
-    is the rounded value ``fake_quant`` computes and each entry comes from the same float operations, so δ
-    equals softplus taken position by position. delta: (batch, channels, L); delta_bias: (channels,)."""
+    table (docs/method.md §6). The code is the rounded value ``fake_quant`` computes and each entry comes
+    from the same float operations, so ``delta()`` equals softplus taken position by position. ``grid``:
+    each value's code − Qn (any integer dtype) if computed elsewhere (the QDQ export's QuantizeLinear)."""
     batch, channels, _ = delta.shape
     s, b, lo, hi = _per_sample(q, delta)
-    code = _code(delta, s, b, q) - q.qn
+    code = _code(delta, s, b, q) - q.qn if grid is None else grid
     k = torch.arange(int(q.qn), int(q.qp) + 1, dtype=delta.dtype)
     levels = torch.minimum(torch.maximum(s * k - b, lo), hi)  # (1 or batch, 1, codes)
     table = torch.nn.functional.softplus(levels + delta_bias.to(delta.dtype).reshape(1, channels, 1))
     table = table.expand(batch, channels, k.numel()).reshape(-1)
-    first = torch.arange(batch * channels, dtype=torch.int64).reshape(batch, channels, 1) * k.numel()
-    index = code.to(torch.int64) + first
-    return torch.index_select(table, 0, index.reshape(-1)).reshape(index.shape)
+    # each (sample, channel)'s first entry, added in float (exact below 2**24 entries) and cast once to int32:
+    # an exported graph then gathers with int32 indices (half the bytes of int64 to slice per step)
+    first = torch.arange(batch * channels, dtype=delta.dtype).reshape(batch, channels, 1) * k.numel()
+    if first.numel() and float(first.max()) + k.numel() > 2**24:
+        raise ValueError(f"{batch * channels * k.numel()} table entries are too many for a float32 index")
+    return DeltaCodes(table, (code.to(delta.dtype) + first).to(torch.int32), k.numel())
+

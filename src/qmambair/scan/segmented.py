@@ -46,9 +46,12 @@ def segmented_chunk(
     C: torch.Tensor,
     h0: torch.Tensor,
     segment: int | None = None,
+    decay_lookup: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk, as ``chunked._scan_chunk``: delta, du (b, G, Dg, T); A (G, Dg, N); B, C (b, G, N, T); h0
-    (b, G, Dg, N). ``segment``: R (a divisor of T), default ``segment_length(T)``.
+    (b, G, Dg, N). ``segment``: R (a divisor of T), default ``segment_length(T)``. ``decay_lookup``: (rows
+    (K, N), index (b, G, Dg, T) integers) with exp(δ·A) of each position in row ``index`` (a δ of few values,
+    ``load_quant.DeltaCodes``): the decays are read (one Gather per step) instead of computed.
 
     Returns y (b, G, Dg, T) without the D term, and the state after the last position."""
     nb, groups, dg, length = delta.shape
@@ -60,7 +63,11 @@ def segmented_chunk(
     # transposed per step. Decays and B·δu are formed step by step from the small (…, S, 1, 1) inputs.
     delta6 = delta.reshape(nb, groups, dg, s, r, 1)
     a = A.reshape(groups, dg, 1, 1, -1)
-    decays = [torch.exp(d_t * a) for d_t in delta6.split(1, -2)]  # (b, G, Dg, S, 1, N) each
+    if decay_lookup is None:
+        decays = [torch.exp(d_t * a) for d_t in delta6.split(1, -2)]  # (b, G, Dg, S, 1, N) each
+    else:
+        rows, index = decay_lookup
+        decays = [rows[i_t] for i_t in index.reshape(nb, groups, dg, s, r).split(1, -1)]
     steps_du = du.reshape(nb, groups, dg, s, r, 1).split(1, -2)
     steps_b = B.transpose(-1, -2).reshape(nb, groups, 1, s, r, -1).split(1, -2)  # (b, G, 1, S, 1, N)
     inputs = [du_t * b_t for du_t, b_t in zip(steps_du, steps_b, strict=True)]
@@ -69,7 +76,9 @@ def segmented_chunk(
     h = inputs[0]
     for p_t, x_t in zip(decays[1:], inputs[1:], strict=True):
         h = p_t * h + x_t
-    totals = torch.exp(delta6.sum(-2, keepdim=True) * a)  # (b, G, Dg, S, 1, N)
+    # (b, G, Dg, S, 1, N); summed over the last axis (onnxruntime reduces an inner axis with a trailing one
+    # on a slow path)
+    totals = torch.exp(delta.reshape(nb, groups, dg, s, r).sum(-1, keepdim=True).unsqueeze(-1) * a)
     # 2. the state entering each segment (c[0] = h0)
     carries = [h0.reshape(nb, groups, dg, 1, 1, -1)]
     for end, total in zip(h.split(1, -3), totals.split(1, -3), strict=True):
