@@ -124,8 +124,7 @@ def delta_codes(
     table = table.expand(batch, channels, k.numel()).reshape(-1)
     # each (sample, channel)'s first entry, added in float (exact below 2**24 entries) and cast once to int32:
     # an exported graph then gathers with int32 indices (half the bytes of int64 to slice per step)
-    first = torch.arange(batch * channels, dtype=delta.dtype).reshape(batch, channels, 1) * k.numel()
-    if first.numel() and float(first.max()) + k.numel() > 2**24:
+    if batch * channels * k.numel() > 2**24:
         raise ValueError(f"{batch * channels * k.numel()} table entries are too many for a float32 index")
+    first = torch.arange(batch * channels, dtype=delta.dtype).reshape(batch, channels, 1) * k.numel()
     return DeltaCodes(table, (code.to(delta.dtype) + first).to(torch.int32), k.numel())
-
