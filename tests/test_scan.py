@@ -469,7 +469,7 @@ def test_a_4_bit_delta_quantized_on_load_is_looked_up_by_code_with_the_same_resu
         assert cpu.delta_code_lookups() == (0, 12)
 
 
-def test_delta_by_code_is_softplus_of_the_quantized_delta():
+def test_delta_codes_give_softplus_of_the_quantized_delta():
     from qmambair.scan.load_quant import delta_codes
 
     def delta_by_code(delta, q, bias):

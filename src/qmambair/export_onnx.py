@@ -49,7 +49,10 @@ def export_scan(max_chunk: int = EXPORT_CHUNK, qdq_codes: bool = False) -> Itera
     from .export_qdq import fake_quant_qdq, grid_index
     from .models import ss2d
     from .scan.chunked import selective_scan_chunked
-    from .scan.load_quant import CODE_LEVELS, delta_codes, quantize_before_scan
+    from .scan.load_quant import CODE_LEVELS, LoadQuant, delta_codes, quantize_before_scan
+
+    def per_tensor(q: LoadQuant) -> bool:  # one set of scalars for the batch: the QDQ grid applies
+        return all(t.numel() == 1 for t in (q.step, q.offset, q.lo, q.hi))
 
     def scan(
         u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
@@ -60,12 +63,12 @@ def export_scan(max_chunk: int = EXPORT_CHUNK, qdq_codes: bool = False) -> Itera
         decay_lookup = None
         if few_codes and delta_softplus and delta_bias is not None:  # softplus and decays on tables of codes
             grid = None
-            if qdq_codes and delta_quant.step.numel() == 1 and delta_quant.offset.numel() == 1:
+            if qdq_codes and per_tensor(delta_quant):
                 grid = grid_index(delta, delta_quant.step, delta_quant.offset, delta_quant.qn, delta_quant.qp)
             codes = delta_codes(delta, delta_quant, delta_bias, grid)
             delta, decay_lookup = codes.delta(), (codes.decay_rows(A), codes.index)
             delta_quant, delta_bias, delta_softplus = None, None, False
-        if qdq_codes and u_quant is not None and all(t.numel() == 1 for t in u_quant[:4]):
+        if qdq_codes and u_quant is not None and per_tensor(u_quant):
             u, u_quant = fake_quant_qdq(u, *u_quant), None
         u, delta = quantize_before_scan(u, delta, u_quant, delta_quant)
         return selective_scan_chunked(

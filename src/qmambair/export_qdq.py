@@ -146,16 +146,24 @@ def quantize_dequantize(quantizer: nn.Module, x: torch.Tensor) -> QDQActivation:
     return QDQActivation(a, beta, clip, t, qscale, axis, unsigned)
 
 
+def _onto_grid(
+    x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, qn: float, qp: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clip(x + b, s·qn, s·qp), s, b) for one step s and offset b: what QuantizeLinear(s) rounds to the code
+    round(clip((x + b)/s, qn, qp)) (a clipped value divides back to within an ulp of qn or qp)."""
+    if step.numel() != 1 or offset.numel() != 1 or not 0 < qp - qn < 256:
+        raise ValueError("a QDQ grid takes one step and offset and at most 256 codes")
+    s = step.reshape(()).to(x.dtype)
+    b = offset.reshape(()).to(x.dtype)
+    return torch.clamp(x + b, s * qn, s * qp), s, b
+
+
 def grid_index(
     x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, qn: float, qp: float
 ) -> torch.Tensor:
     """round(clip((x + offset)/step, qn, qp)) − qn, the 0-based grid index of each value, as uint8 from one
-    QuantizeLinear (zero point −qn) after a Clip to [step·qn, step·qp]: the same integers (a clipped value
-    divides back to within an ulp of qn or qp). One step and offset for the tensor; at most 256 codes."""
-    if step.numel() != 1 or offset.numel() != 1 or not 0 < qp - qn < 256:
-        raise ValueError("grid_index takes one step and offset and at most 256 codes")
-    s = step.reshape(()).to(x.dtype)
-    t = torch.clamp(x + offset.reshape(()).to(x.dtype), s * qn, s * qp)
+    QuantizeLinear (zero point −qn)."""
+    t, s, _ = _onto_grid(x, step, offset, qn, qp)
     return QuantizeLinear.apply(t, s, None, True, float(-qn))
 
 
@@ -164,13 +172,11 @@ def fake_quant_qdq(
     qp: float,
 ) -> torch.Tensor:
     """The affine fake quantization min(max(s·round(clip((x + b)/s, qn, qp)) − b, lo), hi) with its rounding
-    in QuantizeLinear/DequantizeLinear (zero point 0) after a Clip to [s·qn, s·qp]: fewer, lighter passes
-    than Div/Clip/Round/Mul in float, the same values. One set of scalars for the tensor; at most 8 bits."""
-    if any(t.numel() != 1 for t in (step, offset, lo, hi)) or not 0 < qp - qn < 256:
-        raise ValueError("fake_quant_qdq takes one step, offset, lo and hi and at most 256 codes")
-    s = step.reshape(()).to(x.dtype)
-    b = offset.reshape(()).to(x.dtype)
-    t = torch.clamp(x + b, s * qn, s * qp)
+    in QuantizeLinear/DequantizeLinear (zero point 0): fewer, lighter passes than Div/Clip/Round/Mul in
+    float, the same values. One set of scalars for the tensor; at most 8 bits."""
+    if lo.numel() != 1 or hi.numel() != 1:
+        raise ValueError("fake_quant_qdq takes one lo and hi")
+    t, s, b = _onto_grid(x, step, offset, qn, qp)
     a = DequantizeLinear.apply(QuantizeLinear.apply(t, s, None, qn >= 0, 0.0), s, None)
     return _clip(a - b, lo.to(x.dtype), hi.to(x.dtype))
 

@@ -212,8 +212,8 @@ def group_stats(
 def _exported_stats(
     x2: torch.Tensor, copies: int
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """``group_stats`` in few passes for an exported graph: Σx and Σx² in float64 (the moments as the numba
-    pass forms them, unshifted, which float64 keeps to ~1e-16 relative for activations whose mean is not many
+    """``group_stats`` in few passes for an exported graph: Σx and Σx² in float64 (as the numba pass, but not
+    shifted by the first value: float64 keeps that to ~1e-16 relative for activations whose mean is not many
     orders above their spread; onnxruntime's ReduceSumSquare is slower than Mul and ReduceSum), min and max
     in float32."""
     n = x2.shape[1]

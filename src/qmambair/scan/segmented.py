@@ -61,10 +61,10 @@ def segmented_chunk(
     s = length // r
     # Position s·R + r at [..., s, r, :]: step r of every segment is a slice of the R axis, so no tensor is
     # transposed per step. Decays and B·δu are formed step by step from the small (…, S, 1, 1) inputs.
-    delta6 = delta.reshape(nb, groups, dg, s, r, 1)
     a = A.reshape(groups, dg, 1, 1, -1)
     if decay_lookup is None:
-        decays = [torch.exp(d_t * a) for d_t in delta6.split(1, -2)]  # (b, G, Dg, S, 1, N) each
+        steps_delta = delta.reshape(nb, groups, dg, s, r, 1).split(1, -2)
+        decays = [torch.exp(d_t * a) for d_t in steps_delta]  # (b, G, Dg, S, 1, N) each
     else:
         rows, index = decay_lookup
         decays = [rows[i_t] for i_t in index.reshape(nb, groups, dg, s, r).split(1, -1)]
