@@ -63,7 +63,7 @@ def test_qdq_graph_holds_the_weight_codes_as_int8(tmp_path):
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, QLAYERS)]
     assert len(layers) > 10
     scans = [m for m in model.modules() if isinstance(m, QScan)]
-    # one per layer input (fresh RFA: β_w = 0, no row sums); per scan one for Δ's codes (the decay tables)
+    # one per layer input (fresh RFA: β_w = 0, no row sums); per scan one for Δ's codes (the softplus table)
     # and one for u
     assert ops.count("QuantizeLinear") == len(layers) + 2 * len(scans) and len(scans) == 4
     # a layer's activation and its weight; the scan's u
@@ -108,10 +108,14 @@ def test_shipped_models_match_pytorch(tmp_path, name):
     assert "QuantizeLinear" in ops
     codes = 16 if name.endswith("w4a4") else 4  # softplus on a table of Δ's codes, per block
     assert input_shapes(path, "Softplus") == [[1, 4 * 72, codes]] * 2
-    # the decays exp(δ·A) too: per block an Exp on a (channels, codes, N) table, one on the segments' totals
-    # and one for A = −exp(A_log), not one per step of the 32 x 32 segmented scan
-    exps = input_shapes(path, "Exp")
-    assert exps.count([1, 4 * 72, codes, 10]) == 2 and len(exps) == 3 * 2
+    # the segmented scan's steps on (…, N, S) blocks, the 32 segments innermost: per block an Exp for each of
+    # the 32 steps and one for the segments' totals, and no broadcast in runs of N = 10 values
+    exps = [shape for shape in input_shapes(path, "Exp") if shape]
+    assert exps == [[1, 4, 72, 10, 32]] * 33 * 2
+    assert not [shape for shape in input_shapes(path, "Mul") if shape and len(shape) >= 5 and shape[-1] == 10]
+    # δ itself read from the softplus table along its codes (GatherElements), not from a flattened table
+    assert input_shapes(path, "GatherElements") == [[1, 4 * 72, codes]] * 2
+    assert [4 * 72 * codes] not in input_shapes(path, "Gather")
     parity = onnx_parity(model, path, x)
     # the CLI's bar; measured 64-140 dB: on some tiles onnxruntime's float rounding flips a code against
     # PyTorch, in the fake-quant float graph exactly as in the QDQ graph

@@ -489,30 +489,6 @@ def test_delta_codes_give_softplus_of_the_quantized_delta():
     assert torch.equal(delta_by_code(delta, one, bias), want)
 
 
-def test_segmented_scan_reads_decays_of_a_coded_delta_from_their_table():
-    """Decays exp(δ·A) read by code (the QDQ export's scan) equal those computed position by position."""
-    from qmambair.scan.chunked import selective_scan_chunked
-    from qmambair.scan.load_quant import delta_codes
-
-    ins = make_inputs(batch=2, groups=2, per_group=6, n=4, length=144)
-    f = {k: (ins[k].float() if isinstance(ins[k], torch.Tensor) else None) for k in NAMES}
-    d_q = scan.LoadQuant(torch.tensor([0.3, 0.2]), torch.tensor([0.05, -0.1]),
-                         torch.tensor([-0.5, -math.inf]), torch.tensor([0.4, math.inf]), -8.0, 7.0)
-    codes = delta_codes(f["delta"] * 4, d_q, f["delta_bias"])
-    delta = codes.delta()
-    assert len(torch.unique(codes.index)) > 40  # many (sample, channel, code) rows in use
-    args = (f["u"], delta, f["A"], f["B"], f["C"], f["D"], f["z"])
-    with torch.no_grad():
-        for chunk in (144, 48):  # one chunk of 12 x 12; three of 48 (8 x 6) with a carried state
-            want = selective_scan_chunked(*args, chunk=chunk, segmented=True)
-            lookup = (codes.decay_rows(f["A"]), codes.index)
-            got = selective_scan_chunked(*args, chunk=chunk, segmented=True, decay_lookup=lookup)
-            assert torch.equal(got, want)
-            wrong = (lookup[0] * 0.5, lookup[1])  # the rows are what the scan reads
-            assert not torch.allclose(selective_scan_chunked(*args, chunk=chunk, segmented=True,
-                                                             decay_lookup=wrong), want, atol=1e-3)
-
-
 def test_load_quant_levels_are_the_values_the_map_outputs():
     u_q, d_q = load_quants()
     ramp = torch.linspace(-4, 4, 4001).expand(2, -1)

@@ -41,7 +41,7 @@ def export_scan(max_chunk: int = EXPORT_CHUNK, qdq_codes: bool = False) -> Itera
 
     The default chunk (64) makes the unrolled graph grow with the sequence length (~100k nodes and minutes
     of export at 32x32); long chunks keep it small. A Δ quantized into at most ``CODE_LEVELS`` codes has its
-    softplus and its decays exp(δ·A) looked up by code (``load_quant.DeltaCodes``). ``qdq_codes`` (the QDQ
+    softplus looked up by code (``load_quant.DeltaCodes``). ``qdq_codes`` (the QDQ
     format): Δ's codes come from a QuantizeLinear node (``export_qdq.grid_index``) and u's fake quantization
     rounds in QuantizeLinear/DequantizeLinear (``export_qdq.fake_quant_qdq``). ``selective_scan``
     has no chunk argument, so SS2D's module-level reference is swapped while the context is active.
@@ -60,13 +60,11 @@ def export_scan(max_chunk: int = EXPORT_CHUNK, qdq_codes: bool = False) -> Itera
     ):  # fmt: skip
         del delta_levels  # a speed hint of the fused CPU scan
         few_codes = delta_quant is not None and delta_quant.qp - delta_quant.qn + 1 <= CODE_LEVELS
-        decay_lookup = None
-        if few_codes and delta_softplus and delta_bias is not None:  # softplus and decays on tables of codes
+        if few_codes and delta_softplus and delta_bias is not None:  # softplus on a table of Δ's codes
             grid = None
             if qdq_codes and per_tensor(delta_quant):
                 grid = grid_index(delta, delta_quant.step, delta_quant.offset, delta_quant.qn, delta_quant.qp)
-            codes = delta_codes(delta, delta_quant, delta_bias, grid)
-            delta, decay_lookup = codes.delta(), (codes.decay_rows(A), codes.index)
+            delta = delta_codes(delta, delta_quant, delta_bias, grid).delta()
             delta_quant, delta_bias, delta_softplus = None, None, False
         if qdq_codes and u_quant is not None and per_tensor(u_quant):
             u, u_quant = fake_quant_qdq(u, *u_quant), None
@@ -84,7 +82,6 @@ def export_scan(max_chunk: int = EXPORT_CHUNK, qdq_codes: bool = False) -> Itera
             return_last_state,
             chunk=min(u.shape[-1], max_chunk),
             segmented=True,
-            decay_lookup=decay_lookup,
         )
 
     old = ss2d.selective_scan

@@ -116,15 +116,12 @@ def selective_scan_chunked(
     chunk: int = CHUNK,
     checkpoint: bool | None = None,
     segmented: bool = False,
-    decay_lookup: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Chunked scan with mamba_ssm's ``selective_scan_fn`` semantics (B, C: (batch, G, N, L)).
 
     Computes in float64 for float64 inputs, else float32. ``checkpoint=None`` checkpoints each chunk exactly
     when autograd is recording. ``segmented``: each chunk whose length has a segment length runs as
-    ``segmented.segmented_chunk`` (O(T) work in few nodes: for exported graphs), unless checkpointed; those
-    chunks read their decays exp(δ·A) from ``decay_lookup`` = (rows (K, N), index (batch, channels, L)) when
-    given (δ of few values: ``load_quant.DeltaCodes``; the other chunks compute the same values)."""
+    ``segmented.segmented_chunk`` (O(T) work in few nodes: for exported graphs), unless checkpointed."""
     if B.dim() != 4 or C.dim() != 4:
         raise ValueError("the chunked scan takes grouped B and C of shape (batch, groups, N, L)")
     if chunk < 1:
@@ -164,11 +161,7 @@ def selective_scan_chunked(
         args = (d_c, d_c * u_c, A3, _positions(B, t0, t1), _positions(C, t0, t1), h)
         segment = segment_length(t1 - t0) if segmented and not checkpoint else None
         if segment is not None:
-            lookup = None
-            if decay_lookup is not None:
-                rows, index = decay_lookup
-                lookup = (rows, _positions(index.reshape(nb, groups, dg, length), t0, t1))
-            y_c, h = segmented_chunk(*args, segment, lookup)
+            y_c, h = segmented_chunk(*args, segment)
         else:
             y_c, h = _RecomputedChunk.apply(*args) if checkpoint else _scan_chunk(*args)
         if D3 is not None:

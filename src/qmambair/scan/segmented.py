@@ -6,17 +6,20 @@ the whole chunk, that is most of the run time. Here the T positions of a chunk a
 length R (T = S·R), and the recurrence h[t] = P[t]·h[t − 1] + X[t] (P = exp(δ·A), X = δ·u·B) runs in three
 phases, each a short unrolled loop of whole-tensor operations:
 
-1. every segment at once from a zero state: R steps over (batch, channels, S, N) tensors, keeping only the
+1. every segment at once from a zero state: R steps over (batch, channels, N, S) tensors, keeping only the
    end state E[s]; the segment's whole decay is exp(A·Σδ) over its positions;
 2. across segments: S small steps carrying the state into each segment, c[s + 1] = exp(A·Σδ)[s]·c[s] +
    E[s] with c[0] = h0;
 3. every segment again, from its carry: R steps of the recurrence, each read out with C (y = Σ_n h·C).
 
 About 19 passes over the (T, channels, N) values where the doubling scan makes ~3·log2(T) + 4, in about
-9R + 2S nodes (R ≈ S ≈ √T). Position s·R + r sits at [..., s, r, :], so a step is a slice of the R axis and
-nothing is transposed per step. Every decay is an exp of a non-positive number: no overflow. Plain torch
-operations: autograd works (keeping every intermediate), but training uses the chunked scan's checkpointed
-chunks instead.
+9R + 2S nodes (R ≈ S ≈ √T). Layout: the chunk is transposed once so that step r of every segment (positions
+s·R + r, s = 0..S−1) is one contiguous block, and the per-step tensors are (…, N, S) with the segments
+innermost. Every broadcast of a step (δ·A, δu·B, h·C) then runs along S contiguous values; with the state
+index N innermost (N = 10 to 16 here) onnxruntime's broadcasting kernels, which work in runs of the innermost
+dimension, spent most of the chunk's time in those short runs. Every decay is an exp of a
+non-positive number: no overflow. Plain torch operations: autograd works (keeping every intermediate), but
+training uses the chunked scan's checkpointed chunks instead.
 """
 
 from __future__ import annotations
@@ -46,49 +49,45 @@ def segmented_chunk(
     C: torch.Tensor,
     h0: torch.Tensor,
     segment: int | None = None,
-    decay_lookup: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk, as ``chunked._scan_chunk``: delta, du (b, G, Dg, T); A (G, Dg, N); B, C (b, G, N, T); h0
-    (b, G, Dg, N). ``segment``: R (a divisor of T), default ``segment_length(T)``. ``decay_lookup``: (rows
-    (K, N), index (b, G, Dg, T) integers) with exp(δ·A) of each position in row ``index`` (a δ of few values,
-    ``load_quant.DeltaCodes``): the decays are read (one Gather per step) instead of computed.
+    (b, G, Dg, N). ``segment``: R (a divisor of T), default ``segment_length(T)``.
 
     Returns y (b, G, Dg, T) without the D term, and the state after the last position."""
     nb, groups, dg, length = delta.shape
+    n = A.shape[-1]
     r = segment or segment_length(length)
     if r is None or length % r:
         raise ValueError(f"no segment length for a chunk of {length} positions")
     s = length // r
-    # Position s·R + r at [..., s, r, :]: step r of every segment is a slice of the R axis, so no tensor is
-    # transposed per step. Decays and B·δu are formed step by step from the small (…, S, 1, 1) inputs.
-    a = A.reshape(groups, dg, 1, 1, -1)
-    if decay_lookup is None:
-        steps_delta = delta.reshape(nb, groups, dg, s, r, 1).split(1, -2)
-        decays = [torch.exp(d_t * a) for d_t in steps_delta]  # (b, G, Dg, S, 1, N) each
-    else:
-        rows, index = decay_lookup
-        decays = [rows[i_t] for i_t in index.reshape(nb, groups, dg, s, r).split(1, -1)]
-    steps_du = du.reshape(nb, groups, dg, s, r, 1).split(1, -2)
-    steps_b = B.transpose(-1, -2).reshape(nb, groups, 1, s, r, -1).split(1, -2)  # (b, G, 1, S, 1, N)
-    inputs = [du_t * b_t for du_t, b_t in zip(steps_du, steps_b, strict=True)]
+
+    def steps(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(…, T) as R tensors (…, 1, S): step r of every segment, each a contiguous block."""
+        return t.reshape(*t.shape[:-1], s, r).transpose(-1, -2).split(1, -2)
+
+    def steps_by_state(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """B or C (b, G, N, T) as R tensors (b, G, 1, N, S)."""
+        return t.reshape(nb, groups, n, s, r).permute(0, 1, 4, 2, 3).split(1, 2)
+
+    a = A.reshape(groups, dg, n, 1)
+    decays = [torch.exp(d_t * a) for d_t in steps(delta)]  # (b, G, Dg, N, S) each
+    inputs = [du_t * b_t for du_t, b_t in zip(steps(du), steps_by_state(B), strict=True)]
 
     # 1. every segment from a zero state, keeping only its end state; its whole decay from the sum of its δ
     h = inputs[0]
     for p_t, x_t in zip(decays[1:], inputs[1:], strict=True):
         h = p_t * h + x_t
-    # (b, G, Dg, S, 1, N); summed over the last axis (onnxruntime reduces an inner axis with a trailing one
-    # on a slow path)
-    totals = torch.exp(delta.reshape(nb, groups, dg, s, r).sum(-1, keepdim=True).unsqueeze(-1) * a)
+    totals = torch.exp(delta.reshape(nb, groups, dg, s, r).sum(-1).unsqueeze(-2) * a)  # (b, G, Dg, N, S)
     # 2. the state entering each segment (c[0] = h0)
-    carries = [h0.reshape(nb, groups, dg, 1, 1, -1)]
-    for end, total in zip(h.split(1, -3), totals.split(1, -3), strict=True):
+    carries = [h0.reshape(nb, groups, dg, n, 1)]
+    for end, total in zip(h.split(1, -1), totals.split(1, -1), strict=True):
         carries.append(total * carries[-1] + end)
     last = carries.pop().reshape(h0.shape)
     # 3. every segment again, from its carry: the states and their read-out with C
-    h = torch.cat(carries, -3)
-    steps_c = C.transpose(-1, -2).reshape(nb, groups, 1, s, r, -1).split(1, -2)
+    h = torch.cat(carries, -1)
     ys = []
-    for p_t, x_t, c_t in zip(decays, inputs, steps_c, strict=True):
+    for p_t, x_t, c_t in zip(decays, inputs, steps_by_state(C), strict=True):
         h = p_t * h + x_t
-        ys.append((h * c_t).sum(-1))  # (b, G, Dg, S, 1)
-    return torch.cat(ys, -1).reshape(delta.shape), last
+        ys.append((h * c_t).sum(-2, keepdim=True))  # (b, G, Dg, 1, S)
+    # (b, G, Dg, R, S) back to position order s·R + r
+    return torch.cat(ys, -2).transpose(-1, -2).reshape(delta.shape), last
