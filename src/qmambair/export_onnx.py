@@ -41,10 +41,10 @@ def export_scan(max_chunk: int = EXPORT_CHUNK, qdq_codes: bool = False) -> Itera
 
     The default chunk (64) makes the unrolled graph grow with the sequence length (~100k nodes and minutes
     of export at 32x32); long chunks keep it small. A Δ quantized into at most ``CODE_LEVELS`` codes has its
-    softplus looked up by code (``load_quant.DeltaCodes``). ``qdq_codes`` (the QDQ
-    format): Δ's codes come from a QuantizeLinear node (``export_qdq.grid_index``) and u's fake quantization
-    rounds in QuantizeLinear/DequantizeLinear (``export_qdq.fake_quant_qdq``). ``selective_scan``
-    has no chunk argument, so SS2D's module-level reference is swapped while the context is active.
+    softplus looked up by code (``load_quant.DeltaCodes``). ``qdq_codes`` (the QDQ format): Δ's codes come
+    from a QuantizeLinear node (``export_qdq.grid_index``) and u's fake quantization rounds in
+    QuantizeLinear/DequantizeLinear (``export_qdq.fake_quant_qdq``). ``selective_scan`` has no chunk
+    argument, so SS2D's module-level reference is swapped while the context is active.
     """
     from .export_qdq import fake_quant_qdq, grid_index
     from .models import ss2d

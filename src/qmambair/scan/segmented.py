@@ -17,9 +17,9 @@ About 19 passes over the (T, channels, N) values where the doubling scan makes ~
 s·R + r, s = 0..S−1) is one contiguous block, and the per-step tensors are (…, N, S) with the segments
 innermost. Every broadcast of a step (δ·A, δu·B, h·C) then runs along S contiguous values; with the state
 index N innermost (N = 10 to 16 here) onnxruntime's broadcasting kernels, which work in runs of the innermost
-dimension, spent most of the chunk's time in those short runs. Every decay is an exp of a
-non-positive number: no overflow. Plain torch operations: autograd works (keeping every intermediate), but
-training uses the chunked scan's checkpointed chunks instead.
+dimension, spent most of the chunk's time in those short runs. Every decay is an exp of a non-positive
+number: no overflow. Plain torch operations: autograd works (keeping every intermediate), but training uses
+the chunked scan's checkpointed chunks instead.
 """
 
 from __future__ import annotations
