@@ -61,13 +61,19 @@ def segmented_chunk(
         raise ValueError(f"no segment length for a chunk of {length} positions")
     s = length // r
 
-    def steps(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # The transposed chunk is flattened before it is split: onnxruntime's transpose optimiser moves a
+    # Transpose that feeds a Split past it (a strided Split, then a Transpose per step), not one before a
+    # Reshape.
+    def steps(t: torch.Tensor) -> list[torch.Tensor]:
         """(…, T) as R tensors (…, 1, S): step r of every segment, each a contiguous block."""
-        return t.reshape(*t.shape[:-1], s, r).transpose(-1, -2).split(1, -2)
+        lead = t.shape[:-1]
+        by_step = t.reshape(*lead, s, r).transpose(-1, -2).reshape(*lead, length)
+        return [t_r.unsqueeze(-2) for t_r in by_step.split(s, -1)]
 
-    def steps_by_state(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def steps_by_state(t: torch.Tensor) -> list[torch.Tensor]:
         """B or C (b, G, N, T) as R tensors (b, G, 1, N, S)."""
-        return t.reshape(nb, groups, n, s, r).permute(0, 1, 4, 2, 3).split(1, 2)
+        by_step = t.reshape(nb, groups, n, s, r).permute(0, 1, 4, 2, 3).reshape(nb, groups, length * n)
+        return [t_r.reshape(nb, groups, 1, n, s) for t_r in by_step.split(n * s, -1)]
 
     a = A.reshape(groups, dg, n, 1)
     decays = [torch.exp(d_t * a) for d_t in steps(delta)]  # (b, G, Dg, N, S) each
