@@ -113,6 +113,11 @@ def test_shipped_models_match_pytorch(tmp_path, name):
     exps = [shape for shape in input_shapes(path, "Exp") if shape]
     assert exps == [[1, 4, 72, 10, 32]] * 33 * 2
     assert not [shape for shape in input_shapes(path, "Mul") if shape and len(shape) >= 5 and shape[-1] == 10]
+    # each of δ, δu, B, C is split into its 32 steps by one Split, already shaped: no node per step
+    # (a node per step would reshape a block of 32 or 10·32 values, 2·32 times per scan)
+    step_shaped = [shape for op in ("Unsqueeze", "Reshape") for shape in input_shapes(path, op)
+                   if shape and shape[-1] in (32, 10 * 32)]
+    assert len(step_shaped) < 32, step_shaped[:4]
     # δ itself read from the softplus table along its codes (GatherElements), not from a flattened table
     assert input_shapes(path, "GatherElements") == [[1, 4 * 72, codes]] * 2
     assert [4 * 72 * codes] not in input_shapes(path, "Gather")

@@ -31,7 +31,7 @@ from .allocator import fresh_pages_above
 ONNX_OPSET = 18
 
 
-EXPORT_CHUNK = 4096  # scan positions per unrolled chunk in the graph: one chunk for tiles up to 64x64
+EXPORT_CHUNK = 16384  # scan positions per unrolled chunk in the graph: one chunk for tiles up to 128x128
 
 
 @contextlib.contextmanager

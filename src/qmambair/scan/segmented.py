@@ -61,19 +61,20 @@ def segmented_chunk(
         raise ValueError(f"no segment length for a chunk of {length} positions")
     s = length // r
 
-    # The transposed chunk is flattened before it is split: onnxruntime's transpose optimiser moves a
-    # Transpose that feeds a Split past it (a strided Split, then a Transpose per step), not one before a
-    # Reshape.
+    # The transposed chunk is reshaped to (…, 1, R·S) and split along its last axis into the R steps, already
+    # shaped (…, 1, S): one Split node and no node per step. The Reshape between Transpose and Split matters:
+    # onnxruntime's transpose optimiser moves a Transpose that feeds a Split past it (a strided Split, then a
+    # Transpose per step), but not past a Reshape.
     def steps(t: torch.Tensor) -> list[torch.Tensor]:
         """(…, T) as R tensors (…, 1, S): step r of every segment, each a contiguous block."""
         lead = t.shape[:-1]
-        by_step = t.reshape(*lead, s, r).transpose(-1, -2).reshape(*lead, length)
-        return [t_r.unsqueeze(-2) for t_r in by_step.split(s, -1)]
+        by_step = t.reshape(*lead, s, r).transpose(-1, -2).reshape(*lead, 1, length)
+        return list(by_step.split(s, -1))
 
     def steps_by_state(t: torch.Tensor) -> list[torch.Tensor]:
         """B or C (b, G, N, T) as R tensors (b, G, 1, N, S)."""
-        by_step = t.reshape(nb, groups, n, s, r).permute(0, 1, 4, 2, 3).reshape(nb, groups, length * n)
-        return [t_r.reshape(nb, groups, 1, n, s) for t_r in by_step.split(n * s, -1)]
+        by_step = t.reshape(nb, groups, n, s, r).transpose(-1, -2).reshape(nb, groups, 1, n, length)
+        return list(by_step.split(s, -1))
 
     a = A.reshape(groups, dg, n, 1)
     decays = [torch.exp(d_t * a) for d_t in steps(delta)]  # (b, G, Dg, N, S) each
