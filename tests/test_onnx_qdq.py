@@ -164,6 +164,21 @@ def test_unsupported_activations_stay_fake_quant(tmp_path):
     assert psnr_against(reference(model, x), out) >= QUANT_MIN_PSNR
 
 
+def test_projection_offsets_go_into_the_operands(tmp_path):
+    """The scan's projections fold β_w into the dequantized weight and take β_a off the smaller side: from
+    the output for x_proj (d = 72 inputs > c = 24 outputs), from the input for dt_proj (d = 4 < c = 72). The
+    shipped dt_proj offsets are ~1e-3 of a step (they rarely move a code of Δ): larger ones are set here."""
+    x = real_tile(32)
+    model = shipped_block("light-sr-x4-qmambair-w4a4")
+    projections = [m for m in model.modules() if isinstance(m, QProjection)]
+    assert len(projections) == 4
+    with torch.no_grad():
+        for m in projections:
+            m.act_quant.offset.copy_(0.37 * m.act_quant.step)
+    path = export_onnx(model, tmp_path / "m.onnx", tile=32)
+    assert against_float_graph(model, path, x, tmp_path) > 100
+
+
 def test_dropping_the_offset_corrections_breaks_parity(tmp_path, monkeypatch):
     import qmambair.export_qdq as eq
 

@@ -11,13 +11,16 @@ saturates to the 8-bit range; the clip to the b-bit range comes before it, so ``
 + β_a)/s, Qn, Qp)) = x̂ + β_a. Zero points stay 0 because the offsets β_a (ActQuant, DLS, LSQ+) and β_w (RFA)
 are arbitrary floats; they are put back as follows (x̂ = a − β_a, Ŵ = w − β_w):
 
-- matrix products (``QLinear``, ``QProjection``): Σ_k x̂_k Ŵ_k = Σ_k a_k w_k − β_w Σ_k a_k − β_a Σ_k Ŵ_k, i.e.
+- linears (``QLinear``): Σ_k x̂_k Ŵ_k = Σ_k a_k w_k − β_w Σ_k a_k − β_a Σ_k Ŵ_k, i.e.
   MatMul of the two dequantized tensors (the pattern onnxruntime fuses into ``MatMulIntegerToFloat``, an
   integer matmul with a float output) minus a row-sum term and a per-output constant times the per-call β_a.
   The row sum reads a second Q/DQ pair on the same input: a second consumer of the first pair blocks the
   fusion. Both operands of the MatMul must come from DequantizeLinear: a float activation times a
   dequantized weight is rewritten by onnxruntime into ``MatMulNBits``, which quantizes the activation to
   8 bits per block (lossy; measured ~50 dB on a small model).
+- projections (``QProjection``, a weight per scan direction): onnxruntime runs this batched product as a
+  float MatMul whatever its inputs, so the offsets go into the operands (Ŵ = w − β_w; β_a off the smaller
+  side) instead of a second Q/DQ pair and row sums.
 - convolutions: x̂ = a − β_a and Ŵ = w − β_w are formed in float and convolved with zero padding. This is
   exact without a per-position border map (at zero padding x̂ = 0 is not a code), and onnxruntime has no
   integer convolution with a float output to fuse into anyway. The bias is added after the Conv, not given
@@ -255,18 +258,25 @@ def qdq_linear(self: QLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def qdq_projection(self: QProjection, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(b, K, d, L) x (K, c, d) -> (b, K, c, L) as MatMul(w, a) with w (K, c, d) dequantized from codes."""
+    """(b, K, d, L) x (K, c, d) -> (b, K, c, L) as MatMul(Ŵ, ·) with Ŵ = w − β_w, w (K, c, d) dequantized
+    from codes. onnxruntime has no integer kernel for this batched product (it runs a float MatMul either
+    way), so the offsets go into its float operands instead of correction terms: no second Q/DQ pair, no row
+    sums. β_a comes off the smaller side: from a (d rows) when d < c, else as β_a Σ_k Ŵ_k from the output."""
     k, c, d = self.qdq_shape
     w = _dequantized_weight(self.qdq_codes, self.qdq_scale, k * c, axis=0).reshape(k, c, d)
-    act = quantize_dequantize(self.act_quant, x)
-    y = torch.matmul(w, act.a)
 
     def view(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(k, c, 1) if t.dim() > 0 else t
 
-    for term in _matmul_correction(act, self.qdq_wsum, self.qdq_bw, 2, view):
-        y = y - term
-    return y
+    if self.qdq_bw is not None:
+        w = w - view(self.qdq_bw)
+    act = quantize_dequantize(self.act_quant, x)
+    if act.beta is None:
+        return torch.matmul(w, act.a)
+    beta = _per_sample_view(act.beta, act.a.dim())
+    if d < c:
+        return torch.matmul(w, act.a - beta)
+    return torch.matmul(w, act.a) - beta * view(self.qdq_wsum)
 
 
 def qdq_conv2d(self: QConv2d, x: torch.Tensor) -> torch.Tensor:
