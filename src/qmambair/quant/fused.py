@@ -209,20 +209,31 @@ def group_stats(
     return mean, var, lo, hi
 
 
+STATS_BLOCK = 1024  # values per float32 partial sum of the exported statistics
+
+
 def _exported_stats(
     x2: torch.Tensor, copies: int
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """``group_stats`` in few passes for an exported graph: Σx and Σx² in float64 (as the numba pass, but not
-    shifted by the first value: float64 keeps that to ~1e-16 relative for activations whose mean is not many
-    orders above their spread; onnxruntime's ReduceSumSquare is slower than Mul and ReduceSum), min and max
-    in float32."""
-    n = x2.shape[1]
-    x64 = x2.double()
-    s1, s2 = x64.sum(1, keepdim=True), (x64 * x64).sum(1, keepdim=True)
-    mean = (s1 / n).to(x2.dtype)
+    """``group_stats`` in few light passes for an exported graph: float32 partial sums over blocks of up to
+    ``STATS_BLOCK`` values, added up in float64, in two passes: the mean m, then Σd and Σd² of d = x − m
+    (exact subtractions for values near m) for the variance (Σd² − (Σd)²/n)/(n − 1), so a mean far above the
+    spread does not cancel the variance away. Min and max in float32. Within an ulp or two of
+    the eager float64 statistics, not always equal to them (docs/method.md §6): float64 passes over the whole
+    tensor cost onnxruntime several times more."""
+    groups, n = x2.shape
+    block = next(b for b in range(min(n, STATS_BLOCK), 0, -1) if n % b == 0)
+
+    def total(t: torch.Tensor) -> torch.Tensor:  # (groups, 1) float64 sum of (groups, n/block, block) values
+        return t.sum(2).double().sum(1, keepdim=True)
+
+    xb = x2.reshape(groups, n // block, block)
+    mean = (total(xb) / n).to(x2.dtype)
     var = None
     if n * copies > 1:
-        var = ((s2 - s1 * s1 / n) * copies / (n * copies - 1)).clamp_min(0).to(x2.dtype)
+        d = xb - mean.unsqueeze(-1)
+        sd = total(d)
+        var = ((total(d * d) - sd * sd / n) * copies / (n * copies - 1)).clamp_min(0).to(x2.dtype)
     return mean, var, x2.amin(dim=1, keepdim=True), x2.amax(dim=1, keepdim=True)
 
 
