@@ -9,7 +9,8 @@ Quantized models are exported after pre-deployment weight quantization (``freeze
 weight becomes constant integer codes times its scale minus its offset (bit-identical to the fake-quant
 weight), so the graph holds no RFA threshold search. Activation quantizers export as Div/Clip/Round/Mul/Sub
 (the straight-through term x − stopgrad(x) is an exact zero in eval); DLS computes its statistics per call as
-in PyTorch.
+in PyTorch, from float32 partial sums added in float64 (within an ulp or two of PyTorch's float64 ones;
+``quant.fused._exported_stats``).
 """
 
 from __future__ import annotations
