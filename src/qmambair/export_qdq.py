@@ -237,13 +237,13 @@ def _dequantized_weight(codes: torch.Tensor, scale: torch.Tensor, n_out: int, ax
 
 
 # ------------------------------------------------------------------------------------------- forwards
-def _matmul_correction(act: QDQActivation, w_hat_sum, bw, reduce_dim: int, out_view) -> list[torch.Tensor]:  # noqa: ANN001
-    """−β_w Σ_k a_k − β_a Σ_k Ŵ_k (each term broadcastable to the product's output)."""
+def _matmul_correction(act: QDQActivation, w_hat_sum, bw) -> list[torch.Tensor]:  # noqa: ANN001
+    """−β_w Σ_k a_k − β_a Σ_k Ŵ_k of a linear (each term broadcastable to the product's output)."""
     terms = []
     if bw is not None:
-        terms.append(act.requantized().sum(reduce_dim, keepdim=True) * out_view(bw))
+        terms.append(act.requantized().sum(-1, keepdim=True) * bw)
     if act.beta is not None:
-        terms.append(_per_sample_view(act.beta, act.a.dim()) * out_view(w_hat_sum))
+        terms.append(_per_sample_view(act.beta, act.a.dim()) * w_hat_sum)
     return terms
 
 
@@ -252,7 +252,7 @@ def qdq_linear(self: QLinear, x: torch.Tensor) -> torch.Tensor:
     w = _dequantized_weight(self.qdq_codes, self.qdq_scale, self.out_features, axis=1)  # (in, out)
     act = quantize_dequantize(self.act_quant, x)
     y = torch.matmul(act.a, w)
-    for term in _matmul_correction(act, self.qdq_wsum, self.qdq_bw, -1, lambda t: t):
+    for term in _matmul_correction(act, self.qdq_wsum, self.qdq_bw):
         y = y - term
     return y if self.bias is None else y + self.bias
 
